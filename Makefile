@@ -1,0 +1,29 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# Both create the project-local environment .venv from nothing when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is installed on its own first: on this CPU machine `torch==2.13.0` resolves to the local
+# CPU build; on a GPU machine pip picks the CUDA build (see README, "GPU set-up").
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test env clean-env
+
+$(BIN)/medlsdm: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=68" wheel
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(BIN)/medlsdm
+
+env: $(BIN)/medlsdm
+
+demo: env
+	$(BIN)/medlsdm demo --out demo_output
+
+test: env
+	$(BIN)/python -m pytest -q tests
+
+clean-env:
+	rm -rf $(VENV)

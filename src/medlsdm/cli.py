@@ -1,0 +1,56 @@
+"""The `medlsdm` command. Thin: parses arguments, then calls library functions.
+
+Each sub-command lives in ``medlsdm.commands.<name>`` with a ``register(subparsers)`` function
+that adds its parser and sets ``func`` (called with the parsed arguments). Heavy libraries are
+imported inside those functions, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+
+from medlsdm import __version__
+from medlsdm.errors import MedlsdmError
+
+# Order is the order shown in --help.
+COMMAND_MODULES: list[str] = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medlsdm",
+        description="3D semantic medical image synthesis from label maps (latent semantic diffusion).",
+    )
+    parser.add_argument("--version", action="version", version=f"medlsdm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    try:
+        result = args.func(args)
+    except MedlsdmError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"medlsdm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medlsdm: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reading, checking and preparing volumes and label maps, keeping their geometry."""

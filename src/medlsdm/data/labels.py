@@ -1,0 +1,116 @@
+"""Label maps: integer volumes whose values are listed in a label table (value -> name).
+
+Models see one-hot encodings. Values are checked, never guessed: a non-integer, a negative value
+or a value missing from the table is an error naming the file and the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from medlsdm.errors import DataError
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """Label values and names. Value 0 is background. Values are contiguous 0..K-1 after
+    preparation (``remap`` gets them there); raw tables may use any non-negative values."""
+
+    names: dict[int, str]
+
+    def __post_init__(self):
+        if not self.names:
+            raise DataError("a label table needs at least one label")
+        for value, name in self.names.items():
+            if not isinstance(value, (int, np.integer)) or value < 0:
+                raise DataError(f"label table: value {value!r} ({name}) is not a non-negative integer")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping) -> "LabelTable":
+        """From ``{value: name}``; keys may be strings of integers (as in JSON)."""
+        try:
+            return cls({int(k): str(v) for k, v in mapping.items()})
+        except (TypeError, ValueError):
+            raise DataError(f"label table: keys must be integers, got {list(mapping)!r}") from None
+
+    @classmethod
+    def from_nnunet(cls, labels: Mapping[str, object]) -> "LabelTable":
+        """From an nnU-Net dataset.json ``labels`` entry ``{name: value}`` (region lists refused)."""
+        out = {}
+        for name, value in labels.items():
+            if not isinstance(value, (int, np.integer)):
+                raise DataError(f"dataset.json label '{name}': region-based labels ({value!r}) are not supported")
+            out[int(value)] = str(name)
+        return cls(out)
+
+    def to_json(self) -> dict[str, str]:
+        return {str(k): v for k, v in sorted(self.names.items())}
+
+    @property
+    def values(self) -> list[int]:
+        return sorted(self.names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background, for contiguous tables."""
+        return len(self.names)
+
+    def is_contiguous(self) -> bool:
+        return self.values == list(range(len(self.names)))
+
+
+def validate_label_map(array: np.ndarray, table: LabelTable | None = None, source: str = "label map") -> np.ndarray:
+    """Check that `array` holds non-negative integers found in `table`; return it as uint8/int16.
+
+    `source` names the file in error messages.
+    """
+    array = np.asarray(array)
+    if array.size == 0:
+        raise DataError(f"{source}: label map is empty")
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)):
+            raise DataError(f"{source}: label map contains NaN or Inf")
+        if not np.all(array == np.round(array)):
+            bad = array[array != np.round(array)].ravel()[:3]
+            raise DataError(f"{source}: label map has non-integer values (e.g. {', '.join(f'{v:g}' for v in bad)})")
+    if array.min() < 0:
+        raise DataError(f"{source}: label map has negative values (min {array.min():g})")
+    values = np.unique(array).astype(np.int64)
+    if table is not None:
+        unknown = sorted(set(values.tolist()) - set(table.values))
+        if unknown:
+            raise DataError(
+                f"{source}: label values {unknown} are not in the label table {table.values}"
+            )
+    dtype = np.uint8 if values.max() < 256 else np.int16
+    return array.astype(dtype)
+
+
+def remap(array: np.ndarray, mapping: Mapping[int, int], source: str = "label map") -> np.ndarray:
+    """Map label values through `mapping` (every value present must be a key)."""
+    array = np.asarray(array)
+    present = np.unique(array).tolist()
+    missing = sorted(set(present) - set(int(k) for k in mapping))
+    if missing:
+        raise DataError(f"{source}: label values {missing} have no entry in the label mapping")
+    lut = np.zeros(int(max(max(present), max(int(k) for k in mapping))) + 1, dtype=np.int64)
+    for k, v in mapping.items():
+        lut[int(k)] = int(v)
+    out = lut[array.astype(np.int64)]
+    return out.astype(np.uint8 if out.max() < 256 else np.int16)
+
+
+def one_hot(labels, num_classes: int, drop_background: bool = False):
+    """(B, 1, D, H, W) or (B, D, H, W) integer tensor -> (B, K, D, H, W) float one-hot.
+
+    With ``drop_background`` the channel of value 0 is left out (Med-DDPM's conditioning).
+    """
+    import torch
+
+    if labels.ndim == 5:
+        labels = labels[:, 0]
+    out = torch.nn.functional.one_hot(labels.long(), num_classes).permute(0, 4, 1, 2, 3).float()
+    return out[:, 1:] if drop_background else out

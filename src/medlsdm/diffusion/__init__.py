@@ -1,0 +1,1 @@
+"""Diffusion maths: noise schedules, samplers, classifier-free guidance, latent scaling."""

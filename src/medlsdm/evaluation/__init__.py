@@ -1,0 +1,1 @@
+"""Metrics, feature extractors, segmentation test, privacy audit and reports."""

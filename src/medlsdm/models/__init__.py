@@ -1,0 +1,1 @@
+"""Networks: autoencoder (VQ-GAN, codebook, SPADE decoder), discriminators, denoisers, LPIPS."""

@@ -1,0 +1,1 @@
+"""Lightning modules and callbacks for each training stage."""
