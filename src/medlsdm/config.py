@@ -98,6 +98,29 @@ def section(cfg: Mapping, name: str, defaults: Mapping) -> dict:
     return merge(defaults, cfg.get(name, {}) or {}, where=f"{name}.")
 
 
+STAGE_SECTIONS = ("prepare", "autoencoder", "diffusion")
+
+
+def stage_config(defaults: Mapping, config: str | Mapping | None = None, overrides: Iterable[str] = (),
+                 section: str = "") -> dict:
+    """Configuration of one stage: defaults, then its part of a preset/YAML, then ``--set``.
+
+    A preset may hold several stages (``prepare:``, ``autoencoder:``, ``diffusion:``); the stage
+    takes its own section. A file without any stage section is taken as the stage's section itself.
+    """
+    cfg = copy.deepcopy(dict(defaults))
+    if config is not None:
+        data = load_preset(config) if isinstance(config, str) else dict(config)
+        if section in data:
+            data = data[section] or {}
+        elif set(data) & set(STAGE_SECTIONS):
+            data = {}
+        cfg = merge(cfg, data, where=f"{section}.")
+    for item in overrides:
+        cfg = merge(cfg, parse_override(item))
+    return cfg
+
+
 def save_config(cfg: Mapping, path: str | Path) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
