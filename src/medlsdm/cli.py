@@ -19,6 +19,7 @@ from medlsdm.errors import MedlsdmError
 # Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
     "medlsdm.commands.demo_data",
+    "medlsdm.commands.train",
 ]
 
 

@@ -1,11 +1,12 @@
 """Running a training stage with Lightning: one run directory per run, resume from its last
 checkpoint, TensorBoard logs, time/step budgets, precision and any number of devices/nodes (DDP).
 
-Both stages call `fit`; their LightningModules hold the model-specific logic.
+Both stages call `build_trainer`; their LightningModules hold the model-specific logic.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import random
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Iterable, Mapping
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from medlsdm.config import load_yaml, save_config
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 TRAINER_DEFAULTS = {
     "max_steps": 1000,
-    "max_minutes": None,          # wall-clock budget; training stops cleanly (and checkpoints) when it runs out
+    "max_minutes": None,          # wall-clock budget of one invocation; training stops cleanly (and checkpoints) when it runs out
     "precision": "auto",          # auto: 32-true on CPU, bf16-mixed on GPUs that support it; or 32-true, 16-mixed, bf16-mixed
     "accelerator": "auto",
     "devices": 1,                 # GPUs (or CPU processes) per node; > 1 uses DDP
@@ -43,26 +44,40 @@ TRAINER_DEFAULTS = {
     "progress_bar": True,
 }
 
-# Keys that may change between a run and its resumption (a longer budget, other hardware).
-RESUMABLE_KEYS = {"max_steps", "max_minutes", "devices", "num_nodes", "strategy", "accelerator",
-                  "num_workers", "progress_bar", "preview_every_n_steps", "log_every_n_steps"}
+# Keys that may change between a run and its resumption: a longer budget, other hardware, other
+# bookkeeping intervals, and the precision (the way out of an fp16 overflow is to resume in fp32).
+RESUMABLE_KEYS = {"max_steps", "max_minutes", "devices", "num_nodes", "strategy", "accelerator", "precision",
+                  "num_workers", "progress_bar", "preview_every_n_steps", "log_every_n_steps",
+                  "checkpoint_every_n_steps", "val_every_n_steps"}
+
+LAST_CHECKPOINT = "last.ckpt"
 
 
 class NonFiniteLossError(MedlsdmError):
     """Raised when a loss is NaN or Inf: the run stops and its last good checkpoint stays intact."""
 
 
-def check_finite(loss: torch.Tensor, step: int, name: str = "loss") -> None:
-    if not torch.isfinite(loss.detach()).all():
+def check_finite(loss: torch.Tensor, step: int, name: str = "loss", strategy=None) -> None:
+    """Stop the run on a NaN/Inf loss, naming the step.
+
+    With a `strategy` (DDP) every rank learns whether any rank saw a non-finite loss, so all
+    of them stop together instead of the healthy ranks waiting forever in the next all-reduce.
+    """
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if strategy is not None:
+        finite = bool(strategy.reduce_boolean_decision(finite, all=True))
+    if not finite:
+        value = loss.detach().float()
+        shown = value.item() if value.numel() == 1 else "non-finite"
         raise NonFiniteLossError(
-            f"{name} became {loss.detach().float().item()} at step {step}; training stopped "
-            "(the last good checkpoint is kept: lower the learning rate or use precision 32-true, then re-run to resume)"
+            f"{name} became {shown} at step {step}; training stopped and the last good checkpoint is kept "
+            "(re-run with --set trainer.precision=32-true to resume from it, or start a new run with a lower learning rate)"
         )
 
 
 def resolve_precision(precision: str) -> str:
     if precision != "auto":
-        return precision
+        return str(precision)
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"  # CPU: bf16 has no fast kernels on most CPUs (hundreds of times slower here)
@@ -88,7 +103,7 @@ def prepare_run_dir(run_dir: str | Path, cfg: Mapping) -> tuple[Path, Path | Non
     """
     run_dir = ensure_writable_dir(run_dir)
     cfg_path = run_dir / "config.yaml"
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / "checkpoints" / LAST_CHECKPOINT
     if cfg_path.exists():
         changed = _diff_configs(load_yaml(cfg_path), cfg)
         if changed:
@@ -96,36 +111,144 @@ def prepare_run_dir(run_dir: str | Path, cfg: Mapping) -> tuple[Path, Path | Non
                 f"{run_dir} holds a run with a different configuration ({'; '.join(changed[:3])}"
                 f"{' ...' if len(changed) > 3 else ''}); use another --out, or the same settings to resume"
             )
+    elif last.exists():
+        raise ConfigError(f"{run_dir} holds a checkpoint but no config.yaml; use another --out")
     save_config(cfg, cfg_path)
     return run_dir, (last if last.exists() else None)
 
 
 class RNGStateCallback(Callback):
     """Stores Python, NumPy and torch RNG states in each checkpoint and restores them on resume,
-    so a resumed run continues the same random sequence (Lightning does not save them)."""
+    so a resumed run continues the same random sequence (Lightning does not save them).
+
+    Everything is stored as tensors, ints, strings and tuples: torch >= 2.6 loads checkpoints with
+    ``weights_only=True``, which refuses the NumPy arrays of ``np.random.get_state()``.
+    """
 
     def state_dict(self):
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        version, internal, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+        }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state):
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        py, npy = state["python"], state["numpy"]
+        random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                             npy["has_gauss"], npy["cached_gaussian"]))
         torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_trainer(run_dir: Path, tcfg: Mapping, callbacks: Iterable = (), monitor: str | None = None):
-    """A Lightning Trainer writing checkpoints and TensorBoard logs into `run_dir`."""
-    import datetime
+class LastCheckpoint(ModelCheckpoint):
+    """checkpoints/last.ckpt every N steps and when training ends normally (step budget reached,
+    time budget spent): Lightning's ModelCheckpoint writes it at the end only once per process,
+    and not at all when another checkpoint (best.ckpt) was written at that step. Not called on an
+    exception, so a failed run keeps its last good checkpoint."""
 
-    ckpt_dir = run_dir / "checkpoints"
+    def __init__(self, dirpath: Path, every_n_train_steps: int):
+        super().__init__(dirpath=dirpath, filename="step{step}", save_last=True, save_top_k=0,
+                         every_n_train_steps=every_n_train_steps, auto_insert_metric_name=False,
+                         enable_version_counter=False)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class BudgetTimer(Timer):
+    """Lightning's Timer, but the budget is per invocation: a resumed run gets the full
+    `max_minutes` again (a job on a time-limited cluster slot re-runs the same command)."""
+
+    def load_state_dict(self, state_dict):
+        self._offset = 0
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the whole run: global step / max_steps, in steps per second, with the
+    metrics logged with ``prog_bar=True`` (Lightning's default bar restarts every epoch, which
+    for a few training volumes means every few steps)."""
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.unit = "step"
+        return bar
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = bar.n = trainer.global_step  # a resumed run: the rate counts this run's steps
+        bar.set_description("training")
+
+    def on_train_epoch_start(self, trainer, *_):
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and self._should_update(trainer.global_step, bar.total or 0):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass
+
+
+def world_size(tcfg: Mapping) -> int:
+    """Processes the configuration asks for (devices per node x nodes)."""
+    devices, accelerator = tcfg["devices"], str(tcfg["accelerator"])
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        per_node = len([d for d in devices.split(",") if d.strip()])
+    elif str(devices) in ("auto", "-1"):
+        gpus = torch.cuda.device_count() if accelerator != "cpu" and torch.cuda.is_available() else 0
+        per_node = max(1, gpus)
+    else:
+        try:
+            per_node = int(devices)
+        except ValueError:
+            raise ConfigError(f"trainer.devices must be a number, a list or 'auto', not {devices!r}") from None
+    return per_node * int(tcfg["num_nodes"])
+
+
+def _strategy(tcfg: Mapping, find_unused_parameters: bool):
+    strategy = tcfg["strategy"]
+    if strategy == "auto" and world_size(tcfg) > 1:
+        strategy = "ddp"
+    start_methods = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+    if find_unused_parameters and strategy in start_methods:
+        # A GAN step runs two backward passes, each reaching only part of the parameters (the
+        # generator's, then the discriminators'): DDP must be told that some get no gradient.
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(start_method=start_methods[strategy], find_unused_parameters=True)
+    return strategy
+
+
+def build_trainer(run_dir: Path, tcfg: Mapping, callbacks: Iterable = (), monitor: str | None = None,
+                  gradient_clip_val: float | None = None, accumulate_grad_batches: int = 1,
+                  find_unused_parameters: bool = False):
+    """A Lightning Trainer writing checkpoints and TensorBoard logs into `run_dir`.
+
+    checkpoints/last.ckpt is written every `checkpoint_every_n_steps` and at the end of training;
+    with `monitor`, checkpoints/best.ckpt keeps the best validation value (lower is better).
+    Gradient clipping and accumulation are given here for automatic optimisation only; a module
+    with manual optimisation (the GAN of stage 1) clips its own gradients.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
     cbs = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=0,
-                        every_n_train_steps=tcfg["checkpoint_every_n_steps"], auto_insert_metric_name=False),
+        LastCheckpoint(ckpt_dir, every_n_train_steps=int(tcfg["checkpoint_every_n_steps"])),
         RNGStateCallback(),
         *callbacks,
     ]
@@ -133,30 +256,31 @@ def build_trainer(run_dir: Path, tcfg: Mapping, callbacks: Iterable = (), monito
         cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min",
                                    save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
     if tcfg["progress_bar"]:
-        cbs.append(TQDMProgressBar(refresh_rate=1))
-    world = int(tcfg["devices"] if isinstance(tcfg["devices"], int) else 1) * int(tcfg["num_nodes"])
-    strategy = tcfg["strategy"]
-    if strategy == "auto" and world > 1:
-        strategy = "ddp"
-    max_time = (datetime.timedelta(minutes=float(tcfg["max_minutes"]))
-                if tcfg["max_minutes"] else None)
-    return pl.Trainer(
-        default_root_dir=str(run_dir),
-        max_steps=int(tcfg["max_steps"]),
-        max_epochs=-1,
-        max_time=max_time,
-        accelerator=tcfg["accelerator"],
-        devices=tcfg["devices"],
-        num_nodes=tcfg["num_nodes"],
-        strategy=strategy,
-        precision=resolve_precision(tcfg["precision"]),
-        callbacks=cbs,
-        logger=TensorBoardLogger(str(run_dir), name="logs", version=""),
-        log_every_n_steps=int(tcfg["log_every_n_steps"]),
-        val_check_interval=int(tcfg["val_every_n_steps"]),
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        enable_progress_bar=bool(tcfg["progress_bar"]),
-        enable_model_summary=False,
-        use_distributed_sampler=True,
-    )
+        cbs.append(StepProgressBar(refresh_rate=1))
+    if tcfg["max_minutes"]:
+        cbs.append(BudgetTimer(duration=datetime.timedelta(minutes=float(tcfg["max_minutes"])), interval="step"))
+    try:
+        return pl.Trainer(
+            default_root_dir=str(run_dir),
+            max_steps=int(tcfg["max_steps"]),
+            max_epochs=-1,
+            accelerator=tcfg["accelerator"],
+            devices=tcfg["devices"],
+            num_nodes=int(tcfg["num_nodes"]),
+            strategy=_strategy(tcfg, find_unused_parameters),
+            precision=resolve_precision(tcfg["precision"]),
+            callbacks=cbs,
+            logger=TensorBoardLogger(str(run_dir), name="logs", version="", default_hp_metric=False),
+            log_every_n_steps=int(tcfg["log_every_n_steps"]),
+            val_check_interval=int(tcfg["val_every_n_steps"]),
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            enable_progress_bar=bool(tcfg["progress_bar"]),
+            enable_model_summary=False,
+            use_distributed_sampler=True,
+            gradient_clip_val=gradient_clip_val or None,
+            accumulate_grad_batches=int(accumulate_grad_batches),
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as exc:
+        # Lightning's messages are clear but come with a traceback; name our options instead.
+        raise ConfigError(f"trainer settings (precision/accelerator/devices/strategy): {exc}") from None

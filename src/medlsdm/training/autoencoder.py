@@ -1,0 +1,461 @@
+"""Stage 1: training the 3D VQ-GAN (optionally with a SPADE decoder) with Lightning.
+
+Losses follow the Med-LSDM reference (REFERENCE.md §1): L1 + LPIPS on random 2D slices + hinge
+GAN with a 2D slice discriminator and a 3D volume discriminator + discriminator feature
+matching, discriminators switched on after `disc_start` steps. Manual optimisation: each step
+updates the generator (encoder, decoder; the codebook follows by EMA) and then, once they are
+on, the discriminators.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from medlsdm.config import stage_config
+from medlsdm.data.labels import LabelTable, one_hot
+from medlsdm.errors import ConfigError, MedlsdmError
+from medlsdm.training.runner import TRAINER_DEFAULTS, check_finite
+
+log = logging.getLogger(__name__)
+
+AUTOENCODER_DEFAULTS = {
+    "model": {
+        "channels": [16, 32, 64],
+        "num_res_blocks": [1, 2],         # encoder, decoder ResBlocks per level
+        "downsample": [4, 4, 4],          # per-axis (D, H, W) compression factors
+        "latent_channels": 8,
+        "num_codes": 16384,
+        "codebook_decay": 0.99,
+        "commitment": 0.25,
+        "attention": False,
+        "decoder": "plain",               # plain | spade
+        "spade_hidden": 128,
+    },
+    "loss": {
+        "l1": 4.0,
+        "perceptual": 4.0,                # LPIPS weight; 0 or missing weights switch it off
+        "perceptual_net": "vgg",          # vgg | alex
+        "perceptual_slices": 1,           # random slices per volume (LPIPS and the 2D discriminator)
+        "perceptual_axes": ["D"],         # axes to slice along (D = axial)
+        "lpips_backbone": None,           # torchvision-format backbone state dict (else the torch hub cache)
+        "lpips_heads": None,              # lpips package head file (else searched, see models.perceptual)
+        "gan": "hinge",                   # hinge | least_squares
+        "gan_2d": 1.0,
+        "gan_3d": 1.0,
+        "feature_matching": 4.0,
+        "disc_start": 2000,               # step at which the discriminators switch on
+        "disc_warmup": 0,                 # steps over which the adversarial weight ramps up to 1
+        "disc_channels": 64,
+        "disc_layers": 3,
+    },
+    "optim": {"lr": 3e-5, "betas": [0.5, 0.9], "disc_lr": None},
+    "data": {"patch_size": None, "flip": True, "val_cases": 4},
+    "trainer": dict(TRAINER_DEFAULTS),
+}
+
+
+class AutoencoderModule(pl.LightningModule):
+    """The VQ-GAN, its discriminators and losses, for one training run."""
+
+    def __init__(self, cfg: Mapping, in_channels: int, label_table: Mapping[str, str]):
+        super().__init__()
+        from medlsdm.models.autoencoder import VQGAN
+        from medlsdm.models.discriminators import build_discriminators
+        from medlsdm.models.perceptual import build_perceptual_loss
+
+        self.save_hyperparameters({"cfg": copy.deepcopy(dict(cfg)), "in_channels": int(in_channels),
+                                   "label_table": dict(label_table)})
+        self.automatic_optimization = False
+        self.cfg = copy.deepcopy(dict(cfg))
+        self.table = LabelTable.from_mapping(label_table)
+        self.num_classes = self.table.num_classes
+        self.autoencoder = VQGAN(in_channels=in_channels, num_classes=self.num_classes, **self.cfg["model"])
+        lcfg = self.cfg["loss"]
+        self.disc2d, self.disc3d = build_discriminators(
+            in_channels, channels=lcfg["disc_channels"], layers=lcfg["disc_layers"])
+        # Frozen and kept out of the submodules (a list hides it): never trained, never in a
+        # checkpoint or in the exported weights.
+        self._lpips = [build_perceptual_loss(lcfg) if lcfg["perceptual"] > 0 else None]
+        self._val_counts: torch.Tensor | None = None
+
+    # -- helpers --------------------------------------------------------------------------
+    def label_onehot(self, label: torch.Tensor) -> torch.Tensor | None:
+        """One-hot label map for the SPADE decoder (None for the plain one)."""
+        if self.cfg["model"]["decoder"] != "spade":
+            return None
+        return one_hot(label, self.num_classes).to(self.dtype)
+
+    def _slices(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same random 2D slices of the input and its reconstruction (LPIPS, 2D discriminator).
+        Drawn from the global torch RNG, so a resumed run continues the same sequence."""
+        from medlsdm.models.discriminators import extract_slices
+
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        lcfg = self.cfg["loss"]
+        axes = tuple(lcfg["perceptual_axes"])
+        n = int(lcfg["perceptual_slices"])
+        return tuple(extract_slices(v, n, axes=axes, generator=torch.Generator().manual_seed(seed))
+                     for v in (real, fake))
+
+    def _check_finite(self, loss: torch.Tensor, name: str) -> None:
+        check_finite(loss, self.global_step, name, strategy=self.trainer.strategy)
+
+    @torch.no_grad()
+    def reconstruct(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in eval mode (the codebook is not touched), for previews."""
+        was_training = self.autoencoder.training
+        self.autoencoder.eval()
+        try:
+            return self.autoencoder(image, self.label_onehot(label))[0]
+        finally:
+            self.autoencoder.train(was_training)
+
+    # -- training -------------------------------------------------------------------------
+    def generator_loss(self, x: torch.Tensor, label: torch.Tensor, use_disc: bool):
+        """(loss, reconstruction, real slices, fake slices, logs) of the generator's step."""
+        from medlsdm.models.losses import feature_matching_loss, generator_loss
+
+        lcfg = self.cfg["loss"]
+        x_rec, vq_loss, info = self.autoencoder(x, self.label_onehot(label))
+        l1 = F.l1_loss(x_rec, x)
+        loss = lcfg["l1"] * l1 + vq_loss
+        logs = {"train/l1": l1.detach(), "train/commitment": vq_loss.detach(),
+                "train/perplexity": info["perplexity"].float(), "train/code_usage": info["usage"].float()}
+        real2d, fake2d = self._slices(x, x_rec)
+        lpips = self._lpips[0]
+        if lpips is not None:
+            perceptual = lpips.to(self.device)(fake2d, real2d).mean()
+            loss = loss + lcfg["perceptual"] * perceptual
+            logs["train/lpips"] = perceptual.detach()
+        if use_disc:
+            weight = self._adversarial_weight()
+            adv, fm = x.new_zeros(()), x.new_zeros(())
+            for w, disc, real, fake in self._disc_pairs(x, x_rec, real2d, fake2d):
+                fake_feats = disc(fake)
+                with torch.no_grad():
+                    real_feats = disc(real)
+                adv = adv + w * generator_loss(fake_feats[-1], lcfg["gan"])
+                fm = fm + w * feature_matching_loss(fake_feats[:-1], real_feats[:-1])
+            loss = loss + weight * (adv + lcfg["feature_matching"] * fm)
+            logs.update({"train/g_adv": adv.detach(), "train/feature_matching": fm.detach()})
+        return loss, x_rec, real2d, fake2d, logs
+
+    def discriminator_loss(self, x, x_rec, real2d, fake2d) -> torch.Tensor:
+        from medlsdm.models.losses import discriminator_loss
+
+        loss = x.new_zeros(())
+        for w, disc, real, fake in self._disc_pairs(x, x_rec, real2d, fake2d):
+            loss = loss + w * discriminator_loss(disc(real.detach())[-1], disc(fake.detach())[-1],
+                                                 self.cfg["loss"]["gan"])
+        return loss
+
+    def _disc_pairs(self, x, x_rec, real2d, fake2d):
+        """(weight, discriminator, real, fake) for each discriminator in use (weight > 0)."""
+        lcfg = self.cfg["loss"]
+        pairs = [(lcfg["gan_2d"], self.disc2d, real2d, fake2d), (lcfg["gan_3d"], self.disc3d, x, x_rec)]
+        return [p for p in pairs if p[0] > 0]
+
+    def _adversarial_weight(self) -> float:
+        from medlsdm.models.losses import adversarial_weight
+
+        lcfg = self.cfg["loss"]
+        return adversarial_weight(self.global_step, int(lcfg["disc_start"]), 1.0, int(lcfg["disc_warmup"]))
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        x, label = batch["image"], batch["label"]
+        lcfg = self.cfg["loss"]
+        use_disc = self._adversarial_weight() > 0 and (lcfg["gan_2d"] > 0 or lcfg["gan_3d"] > 0)
+
+        # Generator: the discriminators' parameters are frozen (toggle) so that the adversarial
+        # terms do not compute gradients nobody uses.
+        self.toggle_optimizer(opt_g)
+        g_loss, x_rec, real2d, fake2d, logs = self.generator_loss(x, label, use_disc)
+        self._check_finite(g_loss, "generator loss")
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        opt_g.step()  # gradients are clipped in on_before_optimizer_step, after AMP unscaling
+        self.untoggle_optimizer(opt_g)
+
+        if use_disc:
+            self.toggle_optimizer(opt_d)
+            d_loss = self.discriminator_loss(x, x_rec, real2d, fake2d)
+            self._check_finite(d_loss, "discriminator loss")
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            _step_uncounted(opt_d)
+            self.untoggle_optimizer(opt_d)
+            logs["train/d_loss"] = d_loss.detach()
+
+        logs["train/g_loss"] = g_loss.detach()
+        batch_size = x.shape[0]
+        self.log_dict(logs, batch_size=batch_size)
+        self.log("loss", g_loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        self.log("l1", logs["train/l1"], prog_bar=True, logger=False, batch_size=batch_size)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradient clipping by norm. Here rather than before `opt.step()` in training_step:
+        Lightning calls this hook after unscaling fp16 gradients, so the norm is the true one."""
+        clip = self.cfg["trainer"]["gradient_clip"]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not clip or not params:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(params, float(clip))
+        name = "generator" if optimizer is self.optimizers()[0].optimizer else "discriminator"
+        self.log(f"train/grad_norm_{name}", norm, batch_size=1)
+
+    def configure_optimizers(self):
+        ocfg = self.cfg["optim"]
+        betas = tuple(ocfg["betas"])
+        opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=ocfg["lr"], betas=betas)
+        opt_d = torch.optim.Adam(list(self.disc2d.parameters()) + list(self.disc3d.parameters()),
+                                 lr=ocfg["disc_lr"] or ocfg["lr"], betas=betas)
+        return [opt_g, opt_d]
+
+    # -- validation -----------------------------------------------------------------------
+    def on_validation_epoch_start(self):
+        self._val_counts = torch.zeros(self.autoencoder.quantizer.num_codes, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        from medlsdm.evaluation.metrics import psnr, ssim3d
+
+        x, label = batch["image"], batch["label"]
+        x_rec, _, info = self.autoencoder(x, self.label_onehot(label))  # eval + no_grad: codebook untouched
+        x_rec = x_rec.float()
+        win = min(7, *(s if s % 2 else s - 1 for s in x.shape[2:]))
+        metrics = {"val/l1": F.l1_loss(x_rec, x).item(),
+                   "val/psnr": psnr(x_rec, x, data_range=2.0),          # [-1, 1] intensities
+                   "val/ssim": ssim3d(x_rec, x, data_range=2.0, win_size=win)}
+        self.log_dict(metrics, batch_size=x.shape[0], sync_dist=True)
+        self._val_counts += torch.bincount(info["indices"].flatten(), minlength=self._val_counts.numel()).float()
+
+    def on_validation_epoch_end(self):
+        """Code usage and perplexity over the whole validation set (summed over ranks)."""
+        counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")
+        if counts.sum() > 0:
+            probs = counts / counts.sum()
+            perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
+            self.log_dict({"val/perplexity": perplexity, "val/code_usage": (counts > 0).float().mean()})
+
+
+def _step_uncounted(optimizer) -> None:
+    """Step the discriminator without advancing Lightning's global step.
+
+    In manual optimisation Lightning counts every optimizer.step() as a training step (through
+    hooks it sets on the LightningOptimizer), so the discriminator's step would make `max_steps`,
+    checkpoint intervals and `disc_start` count half-steps once the discriminators are on.
+    """
+    before, after = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = lambda: None
+    try:
+        optimizer.step()
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = before, after
+
+
+# -- previews -------------------------------------------------------------------------------
+
+def save_preview(path: Path, image: torch.Tensor, recon: torch.Tensor, label: torch.Tensor) -> None:
+    """Three orthogonal slices (first channel): input | reconstruction | label map."""
+    from medlsdm.viz import montage, save_png, three_plane
+
+    img, rec, lab = image[0].float().numpy(), recon[0].float().numpy(), label.numpy()
+    rows = [[three_plane(img), three_plane(rec), three_plane(img, label=lab)]]
+    save_png(path, montage(rows, titles=["input", "reconstruction", "label map"]))
+
+
+class PreviewCallback(pl.Callback):
+    """Every `every_n_steps` steps and at the end of training, the reconstruction of one fixed
+    case (the first validation case, else the first training case) as previews/stepNNNNNNN.png."""
+
+    def __init__(self, folder: Path, sample: Mapping, every_n_steps: int):
+        self.folder, self.sample, self.every = Path(folder), sample, int(every_n_steps)
+        self._last = -1
+
+    def _save(self, trainer, module: AutoencoderModule) -> None:
+        if not trainer.is_global_zero or trainer.global_step == self._last:
+            return
+        image = torch.as_tensor(self.sample["image"])[None].to(module.device)
+        label = torch.as_tensor(self.sample["label"])[None].to(module.device)
+        recon = module.reconstruct(image, label)
+        save_preview(self.folder / f"step{trainer.global_step:07d}.png", image[0].cpu(), recon[0].cpu(),
+                     label[0, 0].cpu())
+        self._last = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every > 0 and trainer.global_step % self.every == 0:
+            self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer, pl_module)
+
+
+# -- the stage as a function ----------------------------------------------------------------
+
+def make_loaders(data: str | Path, cfg: Mapping):
+    """(manifest, training loader, validation loader or None, preview sample) over a prepared
+    dataset; validation uses the 'val' split, else 'test', at most `data.val_cases` cases."""
+    from torch.utils.data import DataLoader, Subset
+
+    from medlsdm.data.dataset import PreparedDataset, load_manifest
+
+    manifest = load_manifest(data)
+    dcfg, tcfg = cfg["data"], cfg["trainer"]
+    train = PreparedDataset(data, split="train", patch_size=dcfg["patch_size"], flip=dcfg["flip"],
+                            seed=tcfg["seed"])
+    if len(train) == 0:
+        raise MedlsdmError(f"{data}: the prepared dataset has no 'train' cases")
+    splits = {c["split"] for c in manifest["cases"]}
+    val_split = "val" if "val" in splits else ("test" if "test" in splits else None)
+    val = preview = None
+    workers = int(tcfg["num_workers"])
+    if val_split:
+        val_set = PreparedDataset(data, split=val_split)
+        preview = val_set[0]
+        if dcfg["val_cases"]:
+            val = DataLoader(Subset(val_set, range(min(len(val_set), int(dcfg["val_cases"])))),
+                             batch_size=1, num_workers=workers)
+    if preview is None:
+        preview = PreparedDataset(data, split="train")[0]
+    loader = DataLoader(train, batch_size=tcfg["batch_size"], shuffle=True,
+                        drop_last=len(train) > tcfg["batch_size"], num_workers=workers,
+                        persistent_workers=workers > 0)
+    return manifest, loader, val, preview
+
+
+def check_input_size(shape: Sequence[int], lcfg: Mapping) -> None:
+    """Refuse, before training starts, volumes too small for the discriminators (they would fail
+    only when switched on, `disc_start` steps later) or for the LPIPS backbone."""
+    from medlsdm.models.discriminators import AXES
+
+    need = 3 * 2 ** int(lcfg["disc_layers"])  # see PatchGAN.min_size
+    spatial = [int(s) for s in shape[-3:]]
+    sizes = []
+    if lcfg["gan_3d"] > 0:
+        sizes += spatial
+    if lcfg["gan_2d"] > 0:
+        for axis in lcfg["perceptual_axes"]:
+            sizes += [s for i, s in enumerate(spatial) if i != AXES[axis] - 2]
+    if sizes and min(sizes) < need:
+        raise ConfigError(
+            f"training volumes of shape {spatial} are too small for discriminators with loss.disc_layers="
+            f"{lcfg['disc_layers']} (they need >= {need} voxels per axis); lower loss.disc_layers or use "
+            f"larger data.patch_size")
+    # AlexNet's stride-4 stem and two max-pools need 31-pixel slices; VGG16 works from 16.
+    need_lpips = {"alex": 31, "vgg": 16}.get(lcfg["perceptual_net"], 0)
+    slices = [s for axis in lcfg["perceptual_axes"] for i, s in enumerate(spatial) if i != AXES[axis] - 2]
+    if lcfg["perceptual"] > 0 and slices and min(slices) < need_lpips:
+        raise ConfigError(
+            f"slices of training volumes of shape {spatial} are too small for LPIPS loss.perceptual_net="
+            f"{lcfg['perceptual_net']} (it needs >= {need_lpips} pixels); use vgg, larger patches or loss.perceptual=0")
+
+
+@torch.no_grad()
+def latent_statistics(autoencoder, loader, device) -> dict:
+    """Per-channel mean/std and global min/max of the continuous latents of a dataset, plus the
+    codebook range (the reference's min-max scaling uses the latter). Eval mode: the codebook
+    is not touched."""
+    autoencoder.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    lo, hi = float("inf"), float("-inf")
+    for batch in loader:
+        z = autoencoder.encode(batch["image"].to(device)).double()
+        dims = [0, 2, 3, 4]
+        total = total + z.sum(dims)
+        total_sq = total_sq + (z**2).sum(dims)
+        count += z.numel() // z.shape[1]
+        lo, hi = min(lo, z.min().item()), max(hi, z.max().item())
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+    cmin, cmax = autoencoder.quantizer.codebook_range()
+    return {"mean": mean.tolist(), "std": std.tolist(), "min": lo, "max": hi,
+            "codebook_min": float(cmin), "codebook_max": float(cmax), "volumes": len(loader.dataset)}
+
+
+def _export(run_dir: Path, module: AutoencoderModule, data, manifest: Mapping, cfg: Mapping, step: int) -> Path:
+    """autoencoder.safetensors + autoencoder.json from the trained model."""
+    from torch.utils.data import DataLoader
+
+    from medlsdm.data.dataset import PreparedDataset
+    from medlsdm.weights import save_weights
+
+    # Statistics over whole, un-augmented training volumes: what stage 2 will encode.
+    loader = DataLoader(PreparedDataset(data, split="train"), batch_size=1)
+    stats = latent_statistics(module.autoencoder, loader, module.device)
+    return save_weights(run_dir / "autoencoder.safetensors", module.autoencoder.state_dict(), {
+        "kind": "autoencoder",
+        "model": cfg["model"],
+        "in_channels": len(manifest["channels"]),
+        "channels": manifest["channels"],
+        "label_table": manifest["label_table"],
+        "modality": manifest.get("modality"),
+        "prepare_spec": manifest.get("spec", {}),
+        "latent_statistics": stats,
+        "steps": int(step),
+        "config": cfg,
+    })
+
+
+def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping | None = None,
+                      overrides=()) -> Path:
+    """Train (or resume) stage 1 on a prepared dataset; returns the exported weights path."""
+    from medlsdm.training.runner import build_trainer, prepare_run_dir
+
+    cfg = stage_config(AUTOENCODER_DEFAULTS, config, overrides, section="autoencoder")
+    if cfg["model"]["decoder"] not in ("plain", "spade"):
+        raise ConfigError(f"model.decoder must be 'plain' or 'spade', not {cfg['model']['decoder']!r}")
+    manifest, train_loader, val_loader, preview = make_loaders(data, cfg)
+    check_input_size(train_loader.dataset[0]["image"].shape, cfg["loss"])
+    run_dir, resume = prepare_run_dir(out, {**cfg, "data_dir": str(Path(data).resolve())})
+    pl.seed_everything(cfg["trainer"]["seed"], workers=True, verbose=False)
+    module = AutoencoderModule(cfg, in_channels=len(manifest["channels"]), label_table=manifest["label_table"])
+    previews = PreviewCallback(run_dir / "previews", preview, cfg["trainer"]["preview_every_n_steps"])
+    trainer = build_trainer(run_dir, cfg["trainer"], callbacks=[previews],
+                            monitor="val/l1" if val_loader is not None else None, find_unused_parameters=True)
+    if resume:
+        log.info("resuming from %s", resume)
+    with warnings.catch_warnings():
+        # Lightning warns that a periodic checkpoint of a manually optimised module holds the
+        # state after the step: that is the state to resume from.
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        # On resume: the checkpoint folder is ours, and training is counted in steps over a
+        # reshuffled loader, so restarting the loader mid-epoch is expected.
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        # weights_only: a checkpoint is data, never code (our own states are tensors and plain types).
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None,
+                    weights_only=True)
+    weights = run_dir / "autoencoder.safetensors"
+    if trainer.is_global_zero:
+        _export(run_dir, module, data, manifest, cfg, trainer.global_step)
+        log.info("autoencoder trained for %d steps: %s", trainer.global_step, weights)
+    return weights
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
+    """An exported autoencoder (run directory or .safetensors file) in eval mode, with its sidecar."""
+    from medlsdm.models.autoencoder import VQGAN
+    from medlsdm.weights import load_weights
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "autoencoder.safetensors"
+    state, sidecar = load_weights(path)
+    if sidecar.get("kind") != "autoencoder":
+        raise MedlsdmError(f"{path}: not autoencoder weights (kind {sidecar.get('kind')!r})")
+    table = LabelTable.from_mapping(sidecar["label_table"])
+    model = VQGAN(in_channels=sidecar["in_channels"], num_classes=table.num_classes, **sidecar["model"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MedlsdmError(f"{path}: weights do not match the configuration in its sidecar "
+                           f"({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval().requires_grad_(False), sidecar
