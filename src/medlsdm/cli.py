@@ -20,6 +20,7 @@ from medlsdm.errors import MedlsdmError
 COMMAND_MODULES: list[str] = [
     "medlsdm.commands.demo_data",
     "medlsdm.commands.train",
+    "medlsdm.commands.sample",
 ]
 
 

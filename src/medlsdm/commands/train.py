@@ -28,6 +28,17 @@ def register(sub) -> None:
     _common(ae)
     ae.set_defaults(func=_run_autoencoder)
 
+    dm = stages.add_parser(
+        "diffusion", help="stage 2: latent semantic diffusion (or the Med-DDPM / unconditional baselines)",
+        description="Train the diffusion model of stage 2. Latent models (configs lsdm, ldm-uncond) need "
+                    "--autoencoder, a stage-1 run directory; the pixel-space Med-DDPM baseline (config "
+                    "med-ddpm) takes none. The run directory gets diffusion.safetensors + diffusion.json "
+                    "(EMA weights) and a copy of the autoencoder, so `medlsdm sample --model RUN_DIR` needs "
+                    "nothing else. Re-running the same command resumes.")
+    _common(dm)
+    dm.add_argument("--autoencoder", help="stage-1 run directory (latent models only)")
+    dm.set_defaults(func=_run_diffusion)
+
 
 def _quiet_lightning_duplicates() -> None:
     # Lightning prints through its own handler; propagating to the root handler set up by the
@@ -45,4 +56,13 @@ def _run_autoencoder(args) -> int:
 
     weights = train_autoencoder(args.data, args.out, args.config, args.overrides)
     print(f"autoencoder weights: {weights}")
+    return 0
+
+
+def _run_diffusion(args) -> int:
+    from medlsdm.training.diffusion import train_diffusion
+
+    _quiet_lightning_duplicates()
+    weights = train_diffusion(args.data, args.out, args.autoencoder, args.config, args.overrides)
+    print(f"diffusion weights: {weights}")
     return 0

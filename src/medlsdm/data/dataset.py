@@ -65,7 +65,7 @@ class PreparedDataset(Dataset):
             start = [int(self.rng.integers(0, s - p + 1)) for p, s in zip(self.patch_size, shape)]
             window = tuple(slice(a, a + p) for a, p in zip(start, self.patch_size))
             image, label = image[(slice(None),) + window], label[window]
-        image, label = np.asarray(image, dtype=np.float32), np.asarray(label)
+        image, label = np.array(image, dtype=np.float32), np.array(label)  # copies: memory maps are read-only
         if self.flip:
             for dim in self.flip_dims:
                 if self.rng.random() < 0.5:

@@ -1,0 +1,239 @@
+"""Generating volumes from label maps with a trained model (`medlsdm sample`).
+
+label map file (any grid) → the model's stored preprocessing → one-hot → sampler in the latent
+(or pixel) space → unscale, optional re-quantisation, decode (SPADE decoders get the label map)
+→ undo crop/pad, spacing and orientation, de-normalise intensities → NIfTI on the label map's
+own grid and affine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from medlsdm.data.io import VOLUME_SUFFIXES, volume_stem
+from medlsdm.data.labels import LabelTable, one_hot
+from medlsdm.errors import MedlsdmError
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class SynthesisModel:
+    """A trained stage-2 model with everything needed to sample and map back to files."""
+
+    denoiser: torch.nn.Module
+    schedule: object
+    sidecar: dict
+    table: LabelTable
+    autoencoder: torch.nn.Module | None = None
+    scaler: object | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def conditional(self) -> bool:
+        return self.denoiser.conditioning != "none"
+
+    @property
+    def prepare_spec(self) -> dict:
+        return self.sidecar.get("prepare_spec", {})
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> SynthesisModel:
+    """Load `diffusion.safetensors` (+ the autoencoder copied next to it for latent models)."""
+    from medlsdm.diffusion.scaling import LatentScaler
+    from medlsdm.diffusion.schedules import NoiseSchedule
+    from medlsdm.models.denoisers import build_denoiser
+    from medlsdm.training.autoencoder import load_autoencoder
+    from medlsdm.weights import load_weights
+
+    run_dir = Path(run_dir)
+    path = run_dir / "diffusion.safetensors" if run_dir.is_dir() else run_dir
+    state, sidecar = load_weights(path)
+    if sidecar.get("kind") != "diffusion":
+        raise MedlsdmError(f"{path}: not a diffusion model (kind {sidecar.get('kind')!r})")
+    device = torch.device(device)
+    denoiser = build_denoiser(sidecar["denoiser"])
+    denoiser.load_state_dict(state)
+    denoiser.to(device).eval().requires_grad_(False)
+    dcfg = sidecar["diffusion"]
+    model = SynthesisModel(denoiser=denoiser, schedule=NoiseSchedule(dcfg["timesteps"], kind=dcfg["schedule"]),
+                           sidecar=sidecar, table=LabelTable.from_mapping(sidecar["label_table"]), device=device)
+    if sidecar["space"] == "latent":
+        model.autoencoder, _ = load_autoencoder(path.parent / "autoencoder.safetensors", device=device)
+        model.scaler = LatentScaler.from_dict(sidecar["scaler"])
+    return model
+
+
+def _model_shape(model: SynthesisModel, image_shape: Sequence[int]) -> tuple[int, ...]:
+    if model.autoencoder is not None:
+        return tuple(model.autoencoder.latent_shape(tuple(image_shape)))
+    return (len(model.sidecar["channels"]), *image_shape)
+
+
+@torch.no_grad()
+def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, sampler: str = "ddim",
+               steps: int | None = 50, guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
+               image_shape: Sequence[int] | None = None, callback: Callable | None = None,
+               progress: bool = True) -> torch.Tensor:
+    """`n` volumes (n, C, D, H, W) in [-1, 1] on the prepared grid, for one prepared label map
+    (D, H, W) (None for unconditional models, which then need `image_shape`)."""
+    from medlsdm.diffusion.samplers import sample
+
+    dcfg = model.sidecar["diffusion"]
+    if model.conditional:
+        if label is None:
+            raise MedlsdmError("this model is conditioned on label maps: give --labels")
+        label_t = torch.as_tensor(np.asarray(label), dtype=torch.long, device=model.device)[None, None]
+        cond = one_hot(label_t, model.table.num_classes).repeat(n, 1, 1, 1, 1)
+        image_shape = tuple(label.shape)
+    else:
+        cond = None
+        if image_shape is None:
+            raise MedlsdmError("an unconditional model needs the output shape")
+    shape = (n, *_model_shape(model, image_shape))
+    generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    # x0 clipping to [-1, 1] is right for pixel space and min-max latents, wrong for std-scaled ones.
+    clip = model.scaler.x0_clip if model.scaler is not None else True
+    x = sample(model.denoiser, shape, cond, model.schedule, sampler=sampler, steps=steps, eta=eta,
+               guidance=guidance if model.conditional else 1.0, prediction=dcfg["prediction"],
+               clip_x0=clip, generator=generator, callback=callback, progress=progress)
+    return decode(model, x, cond, image_shape)
+
+
+def label_files(labels: str | Path) -> list[Path]:
+    labels = Path(labels)
+    if labels.is_file():
+        return [labels]
+    if labels.is_dir():
+        files = sorted(p for p in labels.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+        if not files:
+            raise MedlsdmError(f"{labels}: no label map files (.nii.gz, .nii, .nrrd, .mha) in this folder")
+        return files
+    raise MedlsdmError(f"{labels}: no such file or folder")
+
+
+
+def decode(model: SynthesisModel, x: torch.Tensor, cond: torch.Tensor | None, image_shape) -> torch.Tensor:
+    """Model-space samples (latent or pixel) -> images in [-1, 1] on the prepared grid."""
+    if model.autoencoder is None:
+        return x.clamp(-1, 1)
+    z = model.scaler.unscale(x)
+    if model.sidecar.get("latent", {}).get("requantize"):
+        z = model.autoencoder.quantizer.quantize_nearest(z)
+    decoder_label = cond[: x.shape[0]] if model.autoencoder.decoder_kind == "spade" else None
+    return model.autoencoder.decode(z, label=decoder_label, out_shape=tuple(image_shape)).clamp(-1, 1)
+
+
+def _seed_for(seed: int, file_index: int, start: int) -> int:
+    """A seed per (run seed, label map, first sample of the batch): outputs do not depend on the
+    order in which other label maps are processed."""
+    return int(np.random.SeedSequence([int(seed), file_index, start]).generate_state(1)[0])
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MedlsdmError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1 ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MedlsdmError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str | Path, n: int = 1,
+                    sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                    eta: float = 0.0, seed: int = 0, batch_size: int = 1, device: str = "auto",
+                    save_trajectory: bool = False, progress: bool = True) -> list[Path]:
+    """Generate `n` volumes per label map (or `n` in all for unconditional models) and write each
+    as ``<label stem>_sample<k>.nii.gz`` on the label map's own grid, plus a PNG preview."""
+    from tqdm.auto import tqdm
+
+    from medlsdm.data.io import read_label_map, write_nifti
+    from medlsdm.data.preprocess import invert_image, preprocess_label_map
+    from medlsdm.files import ensure_writable_dir
+    from medlsdm.viz import montage, save_gif, save_png, three_plane
+
+    if n < 1 or batch_size < 1:
+        raise MedlsdmError("--n and --batch-size must be at least 1")
+    model = load_model(model_dir, _resolve_device(device))
+    scfg = model.sidecar.get("sampling", {})
+    sampler = sampler or scfg.get("sampler", "ddim")
+    steps = steps if steps is not None else (None if sampler == "ddpm" else scfg.get("steps", 50))
+    guidance = guidance if guidance is not None else scfg.get("guidance", 1.0)
+    out = ensure_writable_dir(out)
+    intensity = model.sidecar.get("intensity")
+
+    jobs: list[tuple[str, np.ndarray | None, dict | None]] = []
+    if model.conditional:
+        if labels is None:
+            raise MedlsdmError("this model is conditioned on label maps: give --labels FILE_OR_DIR")
+        for path in label_files(labels):
+            volume = read_label_map(path)
+            label, record = preprocess_label_map(volume, model.prepare_spec)
+            unknown = sorted(set(np.unique(label).tolist()) - set(model.table.values))
+            if unknown:
+                raise MedlsdmError(f"{path}: label values {unknown} are not classes this model knows "
+                                   f"({model.table.to_json()})")
+            jobs.append((volume_stem(path), label, record))
+    else:
+        if labels is not None:
+            raise MedlsdmError("this model is unconditional: give --n without --labels")
+        jobs.append(("sample", None, None))
+
+    written: list[Path] = []
+    bar = tqdm(total=len(jobs) * n, desc="generating", unit="volume", disable=not progress)
+    for file_index, (stem, label, record) in enumerate(jobs):
+        image_shape = tuple(label.shape) if label is not None else tuple(model.prepare_spec.get("shape") or ())
+        for start in range(0, n, batch_size):
+            k = min(batch_size, n - start)
+            frames: list[torch.Tensor] = []
+            keep = max(1, (steps or model.schedule.T) // 20)
+            callback = ((lambda i, x, x0: frames.append(x0[:1].clone()) if i % keep == 0 else None)
+                        if save_trajectory else None)
+            volumes = synthesize(model, label, n=k, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+                                 seed=_seed_for(seed, file_index, start), image_shape=image_shape,
+                                 callback=callback, progress=False).cpu().numpy()
+            for j in range(k):
+                name = f"{stem}_sample{start + j}"
+                array = volumes[j]
+                if record is not None:
+                    result = invert_image(array, record, intensity=intensity)
+                    data, affine = result.array, result.affine
+                else:
+                    data, affine = array, _unconditional_affine(model)
+                path = out / f"{name}.nii.gz"
+                write_nifti(path, data, affine)
+                save_png(out / f"{name}.png", montage([[three_plane(array[0])] if label is None else
+                                                        [three_plane(array[0], label=label), three_plane(array[0])]],
+                                                       titles=["label map", "synthetic"] if label is not None else ["synthetic"]))
+                written.append(path)
+                bar.update(1)
+            if save_trajectory and frames:
+                cond = None
+                if label is not None:
+                    cond = one_hot(torch.as_tensor(label, dtype=torch.long, device=model.device)[None, None],
+                                   model.table.num_classes)
+                pictures = [three_plane(decode(model, f, cond, image_shape)[0, 0].cpu().numpy(), window=(-1, 1))
+                            for f in frames]
+                save_gif(out / f"{stem}_sample{start}_trajectory.gif", pictures)
+    bar.close()
+    return written
+
+
+def _unconditional_affine(model: SynthesisModel) -> np.ndarray:
+    """Unconditional samples have no label map grid: use the prepared spacing, axes in model
+    layout (D, H, W) = (S, A, R) mapped back to RAS world axes."""
+    spacing = model.prepare_spec.get("spacing") or [1.0, 1.0, 1.0]
+    affine = np.zeros((4, 4))
+    affine[0, 2], affine[1, 1], affine[2, 0] = spacing[2], spacing[1], spacing[0]
+    affine[3, 3] = 1.0
+    return affine
