@@ -1,0 +1,363 @@
+"""Invertible preprocessing: reorient -> resample -> crop/pad (or resize) -> normalise -> remap.
+
+Spec `shape` and `spacing` are in MODEL LAYOUT (D, H, W) = (Z, Y, X) of the canonical RAS array:
+D = inferior->superior (axial slice index), H = posterior->anterior, W = left->right.
+
+Every prepared case comes with a JSON-serialisable `record` holding what the inverse needs:
+the original grid and orientation, the prepared grid's affine (`prepared_affine(record)` maps
+(d, h, w) indices to world, so ``write_nifti(path, prepared, prepared_affine(record))`` lands
+in the right place), the crop offset, the per-channel normalisation and the label mapping.
+Inversion goes prepared grid -> (integer un-crop, or one `resample_to_grid`) -> canonical grid
+in model layout -> transpose -> `from_canonical`; without resampling it is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from medlsdm.data.geometry import from_canonical, resample_to_grid, resampled_grid, resized_grid, to_canonical
+from medlsdm.data.io import Volume, check_same_grid
+from medlsdm.data.labels import LabelTable, remap, validate_label_map
+from medlsdm.errors import ConfigError, DataError
+
+PREPROCESS_DEFAULTS = {
+    "spacing": None,  # mm, one value or (D, H, W); None keeps the original spacing
+    "shape": None,  # voxels, one value or (D, H, W); None keeps the (resampled) shape
+    "shape_mode": "crop_pad",  # crop_pad: around the label foreground; resize: resample to `shape`
+    "image_interpolation": "linear",  # linear | bspline | nearest
+    "antialias": True,  # Gaussian pre-smoothing of images when resampling to a coarser grid
+    "modality": "mr",  # mr: percentile clipping; ct: HU window
+    "mr_percentiles": [0.5, 99.5],
+    "ct_window": [-1000.0, 1000.0],
+    "label_mapping": None,  # {raw value: prepared value}; keys may be strings (YAML/JSON)
+}
+INTERPOLATION_ORDERS = {"nearest": 0, "linear": 1, "bspline": 3}
+MODEL_FROM_VOXEL = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+"""(d, h, w) = (k, j, i): the model-layout affine is ``canonical_affine @ MODEL_FROM_VOXEL``."""
+
+
+# ------------------------------------------------------------------------------------- spec
+
+
+def _three(value, name: str, cast) -> list | None:
+    if value is None:
+        return None
+    values = [value] * 3 if np.isscalar(value) else list(value)
+    try:
+        values = [cast(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"preprocessing {name}: expected one or three numbers, got {value!r}") from None
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise ConfigError(f"preprocessing {name}: expected one or three positive numbers, got {value!r}")
+    return values
+
+
+def resolve_spec(spec: Mapping | None) -> dict:
+    """Defaults merged with `spec`, checked; unknown keys and bad values are ConfigErrors."""
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(PREPROCESS_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"preprocessing: unknown keys {unknown} (known: {sorted(PREPROCESS_DEFAULTS)})")
+    out = {**PREPROCESS_DEFAULTS, **spec}
+    out["spacing"] = _three(out["spacing"], "spacing", float)
+    out["shape"] = _three(out["shape"], "shape", int)
+    if out["shape_mode"] not in ("crop_pad", "resize"):
+        raise ConfigError(f"preprocessing shape_mode: expected crop_pad or resize, got {out['shape_mode']!r}")
+    if out["shape_mode"] == "resize" and out["spacing"] is not None:
+        # resize sets the spacing from the extent and the shape; both would double-interpolate.
+        raise ConfigError("preprocessing: shape_mode resize sets the spacing itself; set spacing to null")
+    if out["image_interpolation"] not in INTERPOLATION_ORDERS:
+        raise ConfigError(f"preprocessing image_interpolation: expected one of {list(INTERPOLATION_ORDERS)}, "
+                          f"got {out['image_interpolation']!r}")
+    if out["modality"] not in ("mr", "ct"):
+        raise ConfigError(f"preprocessing modality: expected mr or ct, got {out['modality']!r}")
+    for key in ("mr_percentiles", "ct_window"):
+        pair = [float(v) for v in out[key]]
+        if len(pair) != 2 or not pair[0] < pair[1] or (key == "mr_percentiles" and not 0 <= pair[0] < pair[1] <= 100):
+            raise ConfigError(f"preprocessing {key}: expected [low, high] with low < high, got {out[key]!r}")
+        out[key] = pair
+    if out["label_mapping"] is not None:
+        try:
+            out["label_mapping"] = {int(k): int(v) for k, v in dict(out["label_mapping"]).items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"preprocessing label_mapping: keys and values must be integers, "
+                              f"got {out['label_mapping']!r}") from None
+    return out
+
+
+# --------------------------------------------------------------------------------- geometry
+
+
+def _to_model_layout(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canonical RAS, then (X, Y, Z) -> (Z, Y, X) with the affine's columns permuted alongside."""
+    canonical, canonical_affine, ornt = to_canonical(array, affine)
+    model = np.ascontiguousarray(np.swapaxes(canonical, -1, -3))
+    return model, canonical_affine @ MODEL_FROM_VOXEL, ornt
+
+
+def _from_model_layout(array: np.ndarray, model_affine: np.ndarray, ornt) -> tuple[np.ndarray, np.ndarray]:
+    canonical = np.ascontiguousarray(np.swapaxes(array, -1, -3))
+    return from_canonical(canonical, model_affine @ MODEL_FROM_VOXEL, ornt)
+
+
+def _crop_pad(array: np.ndarray, start: Sequence[int], shape: Sequence[int], fill) -> np.ndarray:
+    """Window of `shape` starting at `start` (may be negative or run past the end: padded with
+    `fill`, one value or one per channel). Integer slicing, so it is exact and its own inverse
+    with ``-start``."""
+    lead = array.shape[:-3]
+    fill = np.broadcast_to(np.asarray(fill, dtype=array.dtype), lead) if lead else np.asarray(fill, dtype=array.dtype)
+    out = np.empty(lead + tuple(shape), dtype=array.dtype)
+    out[...] = fill.reshape(lead + (1, 1, 1)) if lead else fill
+    src, dst = [], []
+    for s, n, size in zip(start, shape, array.shape[-3:]):
+        lo, hi = max(s, 0), min(s + n, size)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
+    return out
+
+
+def _crop_start(label: np.ndarray, shape: Sequence[int], source: str) -> tuple[list[int], bool]:
+    """Window start centred on the label foreground's bounding box, kept inside the volume where
+    the volume is large enough (so no voxel is padded that could have been kept); a volume
+    smaller than `shape` on an axis is padded evenly. Also returns whether foreground is cut."""
+    foreground = np.argwhere(label > 0)
+    if foreground.size == 0:
+        raise DataError(f"{source}: label map has no foreground, so there is nothing to centre the crop on")
+    lo, hi = foreground.min(axis=0), foreground.max(axis=0)
+    start = []
+    for axis, (n, size) in enumerate(zip(shape, label.shape)):
+        if size <= n:
+            s = -((n - size) // 2)
+        else:
+            s = int(np.floor((lo[axis] + hi[axis]) / 2.0 - (n - 1) / 2.0 + 0.5))
+            s = min(max(s, 0), size - n)
+        start.append(int(s))
+    clipped = any(l < s or h >= s + n for l, h, s, n in zip(lo, hi, start, shape))
+    return start, bool(clipped)
+
+
+def _plan_geometry(label_model: np.ndarray, model_affine: np.ndarray, spec: dict, source: str) -> dict:
+    """Target grid (resampled affine/shape) and crop start, from the label map in model layout."""
+    shape = tuple(label_model.shape)
+    if spec["shape_mode"] == "resize" and spec["shape"] is not None:
+        grid_affine, grid_shape = resized_grid(model_affine, shape, spec["shape"]), tuple(spec["shape"])
+    elif spec["spacing"] is not None:
+        grid_affine, grid_shape = resampled_grid(model_affine, shape, spec["spacing"])
+    else:
+        grid_affine, grid_shape = model_affine, shape
+    resampled = grid_shape != shape or not np.allclose(grid_affine, model_affine, atol=1e-6)
+    if not resampled:
+        grid_affine = model_affine
+    grid_label = resample_to_grid(label_model, model_affine, grid_affine, grid_shape, order=0) if resampled else label_model
+    if spec["shape"] is not None and spec["shape_mode"] == "crop_pad":
+        start, clipped = _crop_start(grid_label, spec["shape"], source)
+        out_shape = tuple(spec["shape"])
+    else:
+        start, clipped, out_shape = [0, 0, 0], False, grid_shape
+    prepared = grid_affine.copy()
+    prepared[:3, 3] += grid_affine[:3, :3] @ np.asarray(start, dtype=np.float64)
+    return {
+        "canonical_shape": [int(s) for s in shape],
+        "canonical_affine": model_affine.tolist(),
+        "resampled": bool(resampled),
+        "resampled_shape": [int(s) for s in grid_shape],
+        "crop_start": start,
+        "foreground_clipped": clipped,
+        "shape": [int(s) for s in out_shape],
+        "affine": prepared.tolist(),
+        "_grid_affine": grid_affine,
+        "_grid_label": grid_label,
+    }
+
+
+def _geometry_record(label: Volume, spec: dict) -> tuple[dict, np.ndarray]:
+    """Reorient/resample/crop the label map; returns the geometry record and the prepared map."""
+    label_model, model_affine, ornt = _to_model_layout(np.asarray(label.array), label.affine)
+    plan = _plan_geometry(label_model, model_affine, spec, str(label.path))
+    grid_label = plan.pop("_grid_label")
+    plan.pop("_grid_affine")
+    record = {
+        "original": {"shape": [int(s) for s in label.spatial_shape], "affine": np.asarray(label.affine).tolist(),
+                     "path": None if label.path is None else str(label.path)},
+        "ornt": np.asarray(ornt).tolist(),
+        **plan,
+    }
+    return record, _crop_pad(grid_label, record["crop_start"], record["shape"], 0)
+
+
+def prepared_affine(record: Mapping) -> np.ndarray:
+    """Affine mapping prepared (d, h, w) indices to world RAS mm."""
+    return np.asarray(record["affine"], dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------- labels
+
+
+def _apply_mapping(label: np.ndarray, spec: dict, source: str, only_if_all_keys: bool) -> tuple[np.ndarray, dict | None]:
+    mapping = spec["label_mapping"]
+    if mapping is None:
+        return label, None
+    if only_if_all_keys and not set(np.unique(label).tolist()) <= set(mapping):
+        return label, None
+    return remap(label, mapping, source=source), {str(k): int(v) for k, v in mapping.items()}
+
+
+def _finish_label(label: np.ndarray, table: LabelTable | None, source: str) -> np.ndarray:
+    out = validate_label_map(label, table, source=source)
+    if out.dtype != np.uint8:
+        raise DataError(f"{source}: prepared label values must be below 256 (max {int(out.max())}); set a label_mapping")
+    return out
+
+
+# ------------------------------------------------------------------------------- intensity
+
+
+def _normalise(image: np.ndarray, spec: dict) -> tuple[np.ndarray, dict]:
+    """Per channel: clip to [lo, hi] and map linearly to [-1, 1]. MR: lo/hi are percentiles of
+    the voxels above the channel's minimum (the head/body; MR background is usually the
+    minimum, often 0), or of the whole volume when there are none. Not the label foreground:
+    a small label (a tumour) would clip the rest of the anatomy flat."""
+    out = np.empty(image.shape, dtype=np.float32)
+    channels = []
+    for c, channel in enumerate(image):
+        if spec["modality"] == "ct":
+            lo, hi = spec["ct_window"]
+        else:
+            body = channel[channel > channel.min()]
+            lo, hi = (float(v) for v in np.percentile(body if body.size else channel, spec["mr_percentiles"]))
+            if hi <= lo:  # constant channel: any positive range maps it to -1
+                hi = lo + 1.0
+        # The final clip guards the [-1, 1] contract against float rounding at hi.
+        out[c] = np.clip(2.0 * (np.clip(channel, lo, hi) - lo) / (hi - lo) - 1.0, -1.0, 1.0)
+        channels.append({"lo": float(lo), "hi": float(hi)})
+    return out, {"modality": spec["modality"], "channels": channels}
+
+
+def _denormalise(array: np.ndarray, normalisation: Mapping) -> np.ndarray:
+    channels = normalisation["channels"]
+    if len(channels) not in (1, array.shape[0]):
+        raise DataError(f"cannot undo the normalisation: {array.shape[0]} image channels but {len(channels)} "
+                        f"normalisation entries")
+    out = np.empty(array.shape, dtype=np.float32)
+    for c in range(array.shape[0]):
+        entry = channels[c if len(channels) > 1 else 0]
+        out[c] = (array[c] + 1.0) / 2.0 * (entry["hi"] - entry["lo"]) + entry["lo"]
+    return out
+
+
+def intensity_summary(records: Sequence[Mapping]) -> dict:
+    """Typical normalisation (median lo and hi per channel over `records`, e.g. the training
+    cases), for inverting images generated from label maps alone."""
+    norms = [r["normalisation"] for r in records if r.get("normalisation")]
+    if not norms:
+        raise DataError("no case records with an intensity normalisation to summarise")
+    num = len(norms[0]["channels"])
+    channels = [{key: float(np.median([n["channels"][c][key] for n in norms])) for key in ("lo", "hi")}
+                for c in range(num)]
+    return {"modality": norms[0]["modality"], "channels": channels}
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def preprocess_case(image: Volume, label: Volume, spec: Mapping, table: LabelTable | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """-> image float32 (C, D, H, W) in [-1, 1], label uint8 (D, H, W), JSON-serialisable record."""
+    spec = resolve_spec(spec)
+    check_same_grid(image, label, what="image and label map")
+    source = str(label.path)
+    record, prepared_label = _geometry_record(label, spec)
+    array = np.asarray(image.array, dtype=np.float32)
+    model, model_affine, _ = _to_model_layout(array if array.ndim == 4 else array[None], image.affine)
+    if record["resampled"]:
+        model = resample_to_grid(model, model_affine, resampled_affine(record), record["resampled_shape"],
+                                 order=INTERPOLATION_ORDERS[spec["image_interpolation"]], cval=0.0,
+                                 antialias=spec["antialias"])
+    minimum = model.reshape(model.shape[0], -1).min(axis=1)
+    model = _crop_pad(model, record["crop_start"], record["shape"], minimum)
+    prepared_image, record["normalisation"] = _normalise(model, spec)
+    prepared_label, record["label_mapping"] = _apply_mapping(prepared_label, spec, source, only_if_all_keys=False)
+    record["channel_names"] = image.channel_names
+    record["original"]["image_path"] = None if image.path is None else str(image.path)
+    return prepared_image, _finish_label(prepared_label, table, source), record
+
+
+def preprocess_label_map(label: Volume, spec: Mapping, table: LabelTable | None = None) -> tuple[np.ndarray, dict]:
+    """Label map alone (sampling): the same geometry; the record has no normalisation.
+
+    Label maps given at sampling time may already hold prepared values, so `label_mapping` is
+    applied only when the spec has one and every value present is one of its keys (raw values);
+    otherwise the map is used as it is (and `invert_label` leaves its values alone too).
+    """
+    spec = resolve_spec(spec)
+    if np.asarray(label.array).ndim != 3:
+        raise DataError(f"{label.path}: a label map must be 3D, got shape {np.asarray(label.array).shape}")
+    source = str(label.path)
+    record, prepared = _geometry_record(label, spec)
+    prepared, record["label_mapping"] = _apply_mapping(prepared, spec, source, only_if_all_keys=True)
+    record["normalisation"] = None
+    return _finish_label(prepared, table, source), record
+
+
+def resampled_affine(record: Mapping) -> np.ndarray:
+    """Affine of the resampled grid before cropping (= prepared affine without the crop offset)."""
+    affine = prepared_affine(record)
+    affine[:3, 3] -= affine[:3, :3] @ np.asarray(record["crop_start"], dtype=np.float64)
+    return affine
+
+
+def _to_original_grid(array: np.ndarray, record: Mapping, order: int, fill) -> tuple[np.ndarray, np.ndarray]:
+    """(C, D, H, W) on the prepared grid -> (C, X, Y, Z) on the original grid, and its affine."""
+    canonical_shape = record["canonical_shape"]
+    canonical_affine = np.asarray(record["canonical_affine"], dtype=np.float64)
+    if list(array.shape[-3:]) != list(record["shape"]):
+        raise DataError(f"array of spatial shape {tuple(array.shape[-3:])} does not match the prepared "
+                        f"shape {tuple(record['shape'])} of its record")
+    if record["resampled"]:
+        model = resample_to_grid(array, prepared_affine(record), canonical_affine, canonical_shape,
+                                 order=order, cval=fill, margin=0.5)  # rim lost to rounding the grid shape
+    else:  # crop/pad only: integer un-crop, exact
+        model = _crop_pad(array, [-s for s in record["crop_start"]], canonical_shape, fill)
+    out, affine = _from_model_layout(model, canonical_affine, record["ornt"])
+    return out, affine
+
+
+def invert_image(array: np.ndarray, record: Mapping, intensity: Mapping | None = None,
+                 interpolation: str = "linear") -> Volume:
+    """(C, D, H, W) or (D, H, W) in [-1, 1] -> Volume on the original grid, affine and
+    orientation, in original intensities (the record's normalisation, or `intensity` when
+    given, e.g. `intensity_summary` of training records for label-map-only records). Voxels
+    outside the prepared region get each channel's lower clip value."""
+    array = np.asarray(array, dtype=np.float32)
+    array = array[None] if array.ndim == 3 else array
+    normalisation = intensity if intensity is not None else record.get("normalisation")
+    if normalisation is None:
+        raise DataError("this record has no intensity normalisation (label-map-only); pass `intensity`")
+    model_fill = -1.0  # maps to the lower clip value of every channel
+    out, affine = _to_original_grid(array, record, INTERPOLATION_ORDERS[interpolation], model_fill)
+    out = _denormalise(out, normalisation)
+    names = record.get("channel_names")
+    return Volume(array=out[0] if out.shape[0] == 1 else out, affine=affine, path=None,
+                  channel_names=names if names and len(names) == out.shape[0] else None)
+
+
+def invert_label(array: np.ndarray, record: Mapping) -> Volume:
+    """(D, H, W) prepared label map -> Volume on the original grid (nearest neighbour), with
+    the label mapping undone (a value several raw values mapped to goes back to the smallest)."""
+    array = np.asarray(array)
+    array = array[0] if array.ndim == 4 else array
+    out, affine = _to_original_grid(array.astype(np.int64), record, order=0, fill=0)
+    mapping = record.get("label_mapping")
+    if mapping:
+        inverse = {}
+        for raw, new in sorted(((int(k), int(v)) for k, v in mapping.items()), reverse=True):
+            inverse[new] = raw
+        inverse.setdefault(0, 0)  # background filled outside the crop
+        out = remap(out, inverse, source="prepared label map")
+    out = out.astype(np.uint8 if out.max() < 256 else np.int16)
+    return Volume(array=out, affine=affine, path=None)
