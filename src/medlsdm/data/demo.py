@@ -24,6 +24,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from medlsdm import __version__
+from medlsdm.data.geometry import resample_to_grid
 from medlsdm.data.labels import LabelTable
 from medlsdm.errors import ConfigError, MedlsdmError
 from medlsdm.files import atomic_directory, write_json
@@ -145,31 +146,16 @@ def output_affine(shape: Sequence[int], spacing: Sequence[float], labels_1mm, af
     return affine
 
 
-def _resample_to_grid(volume: np.ndarray, src_affine, dst_affine, shape, cval: float = 0.0) -> np.ndarray:
-    """Linear resampling of `volume` onto the grid (`dst_affine`, `shape`), with Gaussian
-    anti-aliasing when the grid is coarser (sigma = (factor - 1) / 2 voxels, as scikit-image)."""
-    src_spacing = np.abs(np.diag(src_affine)[:3])
-    factor = np.abs(np.diag(dst_affine)[:3]) / src_spacing
-    sigma = np.maximum(factor - 1.0, 0.0) / 2.0
-    if np.any(sigma > 0):
-        volume = ndimage.gaussian_filter(volume, sigma, mode="constant", cval=cval)
-    vox_to_vox = np.linalg.inv(src_affine) @ dst_affine
-    # Both affines are diagonal (checked when reading), so the index mapping is a per-axis scale and offset.
-    return ndimage.affine_transform(
-        volume, np.diag(vox_to_vox)[:3], offset=vox_to_vox[:3, 3], output_shape=tuple(shape), order=1,
-        mode="constant", cval=cval,
-    ).astype(np.float32)
-
-
 @functools.lru_cache(maxsize=4)
 def _build_template(shape: tuple[int, int, int], spacing: tuple[float, float, float]):
     t1, labels, affine_1mm = _template_1mm()
     affine = output_affine(shape, spacing, labels, affine_1mm)
-    image = _resample_to_grid(t1, affine_1mm, affine, shape)
+    image = resample_to_grid(t1, affine_1mm, affine, shape, order=1, antialias=True).astype(np.float32)
     # Labels via partial volumes: resample each class indicator, then take the argmax, which
     # keeps thin grey matter that nearest-neighbour subsampling would alias.
     fractions = [
-        _resample_to_grid((labels == k).astype(np.float32), affine_1mm, affine, shape, cval=float(k == 0))
+        resample_to_grid((labels == k).astype(np.float32), affine_1mm, affine, shape, order=1,
+                         cval=float(k == 0), antialias=True)
         for k in LABEL_TABLE.values
     ]
     out_labels = np.argmax(np.stack(fractions), axis=0).astype(np.uint8)
@@ -377,14 +363,7 @@ def write_demo_cohort(
     """
     from tqdm.auto import tqdm
 
-    try:  # TEMPORARY until medlsdm.data.io lands
-        from medlsdm.data.io import write_nifti
-    except ImportError:
-        import nibabel as nib
-
-        def write_nifti(path, array, affine):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(array, affine), str(path))
+    from medlsdm.data.io import write_nifti
 
     out = Path(out)
     _check_cohort_args(n_subjects, n_test, seed)
