@@ -19,8 +19,11 @@ from medlsdm.errors import MedlsdmError
 # Order is the order shown in --help.
 COMMAND_MODULES: list[str] = [
     "medlsdm.commands.demo_data",
+    "medlsdm.commands.prepare",
+    "medlsdm.commands.inspect",
     "medlsdm.commands.train",
     "medlsdm.commands.sample",
+    "medlsdm.commands.evaluate",
 ]
 
 

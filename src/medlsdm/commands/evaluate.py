@@ -1,0 +1,153 @@
+"""`medlsdm evaluate quality|segmentation|privacy|report`: how good and how safe synthetic data is.
+
+Each sub-command writes its JSON and figures into --out and then rebuilds OUT/report.md and
+OUT/report.html from every result found there, so the three can share one folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    ev = sub.add_parser("evaluate", help="evaluate synthetic volumes (quality, segmentation, privacy, report)",
+                        description="Evaluate synthetic volumes against real ones; results go to "
+                                    "--out as JSON plus report.md / report.html with pictures.")
+    kinds = ev.add_subparsers(dest="evaluation", metavar="EVALUATION")
+    kinds.required = True
+    _quality_parser(kinds)
+    _segmentation_parser(kinds)
+    _privacy_parser(kinds)
+    rep = kinds.add_parser("report", help="rebuild report.md / report.html from the results in a folder",
+                           description="Assemble metrics.json, segmentation.json and privacy.json found "
+                                       "in --dir into report.md and report.html.")
+    rep.add_argument("--dir", required=True, help="folder written by the evaluate commands")
+    rep.set_defaults(func=_run_report)
+
+
+# Kept literal (not imported from evaluation.quality, which imports torch) so --help stays fast;
+# evaluation.quality.resolve_metrics checks the names.
+QUALITY_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae", "lpips", "fid2d", "fid3d", "mmd", "diversity")
+
+
+def _quality_parser(kinds) -> None:
+    p = kinds.add_parser("quality", help="paired, distributional and diversity metrics",
+                         description="Compare synthetic volumes with the real cases whose label maps "
+                                     "generated them (synthetic files named CASE.nii.gz or "
+                                     "CASE_sample<k>.nii.gz), and the two sets as distributions.")
+    p.add_argument("--real", required=True, help="real volumes: flat folder or images/ + labels/ layout")
+    p.add_argument("--synthetic", required=True, help="synthetic volumes (flat folder or images/)")
+    p.add_argument("--labels", help="label maps named by case ID (for --mask foreground with a flat --real)")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, figures/, report)")
+    p.add_argument("--metrics", help=f"comma-separated subset of {','.join(QUALITY_METRICS)}; default all, "
+                                     f"skipping those whose weights are missing (named ones are required)")
+    p.add_argument("--data-range", type=float, help="intensity range for SSIM/PSNR (default: each real "
+                                                    "volume's max - min)")
+    p.add_argument("--mask", choices=["foreground"], help="SSIM/PSNR/RMSE/MAE inside label > 0 only")
+    p.add_argument("--inception", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
+                                       "default: the torch hub cache")
+    p.add_argument("--medicalnet", help="MedicalNet ResNet checkpoint for 3D FID / MMD features")
+    p.add_argument("--lpips-backbone", help="torchvision VGG16/AlexNet weights for LPIPS")
+    p.add_argument("--lpips-heads", help="LPIPS v0.1 linear heads (vgg.pth / alex.pth)")
+    p.add_argument("--lpips-net", choices=["vgg", "alex"], help="LPIPS backbone (default: both when found)")
+    p.add_argument("--fid-slices", type=int, default=32, help="slices per axis and volume for 2D FID (default 32)")
+    p.add_argument("--device", default="cpu", help="torch device for feature networks (cpu, cuda, cuda:1)")
+    p.set_defaults(func=_run_quality)
+
+
+def _segmentation_parser(kinds) -> None:
+    p = kinds.add_parser("segmentation", help="downstream segmentation test (domain gap, augmentation)",
+                         description="Train a 3D U-Net on real training cases; test it on real test "
+                                     "images and on synthetic images of the same test label maps; "
+                                     "optionally train on real+synthetic and synthetic only.")
+    p.add_argument("--train-real", required=True, help="real training cases (images/ + labels/)")
+    p.add_argument("--test-real", required=True, help="real test cases (images/ + labels/)")
+    p.add_argument("--synthetic", required=True, help="synthetic volumes named after their label map's case ID")
+    p.add_argument("--synthetic-train", help="synthetic volumes for training (default: --synthetic); only "
+                                             "those of non-test label maps are trained on")
+    p.add_argument("--synthetic-labels", help="label maps of synthetic training volumes (default: the "
+                                              "training label maps with the same case ID)")
+    p.add_argument("--out", required=True, help="output folder (segmentation.json, figures/, report)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-minutes", type=float, help="total training time, split among protocols (default 10)")
+    budget.add_argument("--epochs", type=int, help="epochs per protocol (reproducible, instead of a time budget)")
+    p.add_argument("--protocols", help="comma-separated subset of real,real+synthetic,synthetic (default all that can run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help="training patch and sliding-window size (multiples of 8; default: volume size, at most 96)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.set_defaults(func=_run_segmentation)
+
+
+def _privacy_parser(kinds) -> None:
+    p = kinds.add_parser("privacy", help="memorisation audit: are synthetic volumes copies of training ones?",
+                         description="Flag synthetic volumes closer to a training volume than any two "
+                                     "real training volumes are to each other.")
+    p.add_argument("--train", required=True, help="training volumes (the generator's training set)")
+    p.add_argument("--synthetic", required=True, help="synthetic volumes")
+    p.add_argument("--out", required=True, help="output folder (privacy.json, figures/, report)")
+    p.add_argument("--similarity", choices=["ncc", "ssim"], default="ncc")
+    p.add_argument("--quantile", type=float, help="threshold = this quantile of real-to-real similarities "
+                                                  "(default: their maximum)")
+    p.add_argument("--mask", choices=["foreground"], help="compare inside the training label maps' foreground")
+    p.set_defaults(func=_run_privacy)
+
+
+def _finish(out) -> None:
+    from medlsdm.evaluation.report import build_report
+
+    md, html = build_report(out)
+    print(f"report: {md} and {html}")
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    from medlsdm.evaluation.quality import evaluate_quality
+    from medlsdm.evaluation.report import fmt
+
+    data = evaluate_quality(args.real, args.synthetic, args.out, labels=args.labels, metrics=args.metrics,
+                            data_range=args.data_range, mask=args.mask, inception=args.inception,
+                            medicalnet=args.medicalnet, lpips_backbone=args.lpips_backbone,
+                            lpips_heads=args.lpips_heads, lpips_net=args.lpips_net, device=args.device,
+                            fid_slices=args.fid_slices)
+    for name, s in data["paired"]["summary"].items():
+        print(f"{name:10s} {fmt(s['mean'])} ± {fmt(s['std'])} (n={s['n']})")
+    for name, reason in data["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    _finish(args.out)
+    return 0
+
+
+def _run_segmentation(args: argparse.Namespace) -> int:
+    from medlsdm.evaluation.report import fmt
+    from medlsdm.evaluation.segmentation import evaluate_segmentation
+
+    protocols = [p.strip() for p in args.protocols.split(",")] if args.protocols else None
+    data = evaluate_segmentation(args.train_real, args.test_real, args.synthetic, args.out,
+                                 synthetic_labels=args.synthetic_labels, synthetic_train=args.synthetic_train,
+                                 protocols=protocols, epochs=args.epochs, budget_minutes=args.budget_minutes,
+                                 seed=args.seed, patch=args.patch, device=args.device)
+    gap = data["domain_gap"]
+    if gap:
+        print(f"Dice real {fmt(gap['dice_real'])}, synthetic {fmt(gap['dice_synthetic'])}, "
+              f"ratio {fmt(gap['ratio'])}")
+    for name, res in data["protocols"].items():
+        print(f"trained on {name}: Dice on real test images {fmt(res['tests']['real']['mean']['dice'])}")
+    _finish(args.out)
+    return 0
+
+
+def _run_privacy(args: argparse.Namespace) -> int:
+    from medlsdm.evaluation.audit import audit_folders
+    from medlsdm.evaluation.report import fmt
+
+    result = audit_folders(args.train, args.synthetic, args.out, similarity=args.similarity,
+                           quantile=args.quantile, mask=args.mask)
+    print(f"{result['n_flagged']} of {result['n_synthetic']} synthetic volumes flagged "
+          f"(threshold {fmt(result['threshold'])}, {result['threshold_rule']})")
+    _finish(args.out)
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    _finish(args.dir)
+    return 0

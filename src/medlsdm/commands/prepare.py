@@ -1,0 +1,52 @@
+"""`medlsdm prepare`: discover, check, preprocess and split a dataset folder into a prepared
+dataset (manifest.json + images/*.npy + labels/*.npy) ready for training."""
+
+from __future__ import annotations
+
+import argparse
+
+LAYOUT_CHOICES = ["auto", "generic", "nnunet", "brats", "autopet", "synthrad2023", "duke"]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="turn a folder of images + label maps into a prepared dataset",
+        description=(
+            "Find image/label-map pairs by case ID in INPUT_DIR (layouts: generic images/ + labels/ "
+            "[+ imagesTs/ + labelsTs/ as test split], nnU-Net v2, BraTS, autoPET, SynthRAD2023, Duke "
+            "breast MRI), reorient to RAS, resample, crop/pad, normalise to [-1, 1], remap labels to "
+            "0..K-1 and split by subject (seeded). Writes PREPARED/manifest.json, images/, labels/, "
+            "prepare.yaml (resolved config) and unmatched.txt, atomically."
+        ),
+    )
+    parser.add_argument("input", metavar="INPUT_DIR", help="dataset folder")
+    parser.add_argument("--out", required=True, metavar="PREPARED", help="output folder (replaced if it exists)")
+    parser.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+                        help="dataset layout (default: the preset's, else detected)")
+    parser.add_argument("--config", metavar="NAME|YAML",
+                        help="preset (brats, autopet, synthrad2023, duke, med-ddpm-head, demo) or YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set shape=[64,64,64] (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="split seed (default: split.seed, 0)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip cases that cannot be read or prepared (listed in the manifest) instead of stopping")
+    parser.add_argument("--labels-dir", metavar="DIR",
+                        help="folder of label maps named by case/patient ID (synthrad2023, autopet)")
+    parser.add_argument("--modality", choices=["ct", "mr"], default=None,
+                        help="intensity normalisation (ct: HU window, mr: percentiles); synthrad2023 also "
+                             "picks ct.nii.gz or mr.nii.gz with it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medlsdm.data.prepare import prepare_dataset
+
+    overrides = list(args.overrides)
+    if args.modality is not None:
+        overrides.append(f"modality={args.modality}")
+    options = {"labels_dir": args.labels_dir} if args.labels_dir else {}
+    prepare_dataset(args.input, args.out, config=args.config, overrides=overrides, layout=args.layout,
+                    seed=args.seed, skip_bad=args.skip_bad, progress=not args.no_progress, **options)
+    return 0

@@ -1,0 +1,277 @@
+"""`medlsdm prepare`: a dataset folder -> a prepared dataset (docs/architecture.md).
+
+Discovery (``data.layouts``) -> per case: read image channels and label map -> optional BraTS
+brain label -> ``data.preprocess.preprocess_case`` -> ``images/ID.npy``, ``labels/ID.npy`` ->
+subject-level seeded splits (``data.splits``) -> ``manifest.json``. The folder is built under a
+temporary name and renamed at the end, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from medlsdm.config import save_config, stage_config
+from medlsdm.data.dataset import MANIFEST_FORMAT
+from medlsdm.data.io import Volume, read_image, read_label_map
+from medlsdm.data.labels import LabelTable
+from medlsdm.data.layouts import Case, Discovery, detect_layout, discover
+from medlsdm.data.preprocess import PREPROCESS_DEFAULTS, intensity_summary, preprocess_case, resolve_spec
+from medlsdm.data.splits import assign_splits
+from medlsdm.errors import ConfigError, DataError
+from medlsdm.files import atomic_directory, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+PREPARE_DEFAULTS = {
+    "layout": "auto",
+    # Options of the layouts (data.layouts); null ones are not passed. `modality` of the
+    # synthrad2023 layout defaults to the preprocessing `modality` below.
+    "layout_options": {"labels_dir": None, "modality": None, "image_pattern": None, "label_pattern": None},
+    "label_names": None,  # [name0, name1, ...] or {value: name}, when the layout gives no label table
+    "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0},
+    # Med-DDPM's BraTS label maps: non-zero image voxels outside the tumour become a "brain" label.
+    "brats_add_brain_label": False,
+    **PREPROCESS_DEFAULTS,
+}
+
+
+# ------------------------------------------------------------------------------- label tables
+
+
+def _table_from_names(names) -> LabelTable:
+    if isinstance(names, (list, tuple)):
+        return LabelTable({i: str(n) for i, n in enumerate(names)})
+    if isinstance(names, Mapping):
+        return LabelTable.from_mapping(names)
+    raise ConfigError(f"label_names: expected a list of names or a mapping {{value: name}}, got {names!r}")
+
+
+def mapped_table(table: LabelTable, mapping: Mapping[int, int] | None) -> LabelTable:
+    """The table after `label_mapping`; raw labels merged into one value keep all their names."""
+    if mapping is None:
+        return table
+    names: dict[int, list[str]] = {}
+    for raw, name in sorted(table.names.items()):
+        if raw not in mapping:
+            raise ConfigError(f"label_mapping has no entry for label value {raw} ({name}); "
+                              f"give one for every value of the table {table.values}")
+        names.setdefault(int(mapping[raw]), [])
+        if name not in names[int(mapping[raw])]:
+            names[int(mapping[raw])].append(name)
+    return LabelTable({value: " + ".join(n) for value, n in sorted(names.items())})
+
+
+def check_contiguous(table: LabelTable, where: str = "prepared label table") -> None:
+    if not table.is_contiguous():
+        raise ConfigError(f"{where}: label values {table.values} are not contiguous 0..K-1; "
+                          f"set label_mapping (e.g. --set 'label_mapping={{0: 0, 1: 1, 2: 2, 4: 3}}')")
+
+
+def _brain_label(table: LabelTable, mapping: dict | None) -> tuple[LabelTable, dict | None, int]:
+    """Add the "brain" label after the raw values (and to the mapping, after its values)."""
+    brain = max(table.values + list(mapping or {})) + 1
+    table = LabelTable({**table.names, brain: "brain"})
+    if mapping is not None:
+        mapping = {**mapping, brain: max(mapping.values()) + 1}
+    return table, mapping, brain
+
+
+def add_brain_label(image: Volume, label: Volume, value: int) -> None:
+    """Voxels outside the label foreground where any image channel is non-zero get `value`
+    (Med-DDPM's whole-brain + tumour conditioning for skull-stripped BraTS images)."""
+    array = np.asarray(image.array)
+    inside = np.any(array != 0, axis=0) if array.ndim == 4 else array != 0
+    out = label.array.astype(np.int64)
+    out[(out == 0) & inside] = value
+    label.array = out.astype(label.array.dtype if value <= np.iinfo(label.array.dtype).max else np.int16)
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def prepare_config(config: str | Mapping | None = None, overrides: Iterable[str] = ()) -> dict:
+    cfg = stage_config(PREPARE_DEFAULTS, config, overrides, section="prepare")
+    resolve_spec(_spec(cfg))  # fail before reading any file
+    return cfg
+
+
+def _spec(cfg: Mapping) -> dict:
+    return {key: cfg[key] for key in PREPROCESS_DEFAULTS}
+
+
+def _options(cfg: Mapping, layout: str) -> dict:
+    options = {k: v for k, v in cfg["layout_options"].items() if v is not None}
+    if layout == "synthrad2023":
+        options.setdefault("modality", cfg["modality"])
+    return options  # discover() refuses options the layout does not take
+
+
+# --------------------------------------------------------------------------------- per case
+
+
+def _file_name(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", case_id)
+
+
+def _case_error(case: Case, exc: Exception) -> DataError:
+    """One-line error naming the file: reader errors already do; add the label path otherwise."""
+    message = str(exc)
+    paths = [str(p) for p in case.image_paths] + [str(case.label_path)]
+    if not any(p in message for p in paths):
+        message = f"{case.label_path} (case {case.case_id}): {message}"
+    return DataError(message)
+
+
+def _prepare_case(case: Case, raw_table: LabelTable | None, table: LabelTable | None, spec: dict,
+                  brain: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    try:
+        image = read_image(case.image_paths, case.channel_names)
+        label = read_label_map(case.label_path, raw_table)
+        if brain is not None:
+            add_brain_label(image, label, brain)
+        image_array, label_array, record = preprocess_case(image, label, spec, table)
+    except DataError as exc:
+        raise _case_error(case, exc) from None
+    except (ValueError, MemoryError) as exc:  # scipy/numpy failures on odd inputs
+        raise _case_error(case, DataError(f"{type(exc).__name__}: {exc}")) from None
+    record["source"] = {"images": [str(p) for p in case.image_paths], "label": str(case.label_path)}
+    return image_array, label_array, record
+
+
+def _resolve_tables(found: Discovery, cfg: dict) -> tuple[LabelTable | None, LabelTable | None, dict, int | None]:
+    """(raw table for checking label files, prepared table, spec, brain value); the prepared table
+    is None when it must be inferred from the values found."""
+    spec = resolve_spec(_spec(cfg))
+    raw = found.label_table
+    if raw is None and cfg["label_names"] is not None:
+        raw = _table_from_names(cfg["label_names"])
+    brain = None
+    if cfg["brats_add_brain_label"]:
+        if raw is None:
+            raise ConfigError("brats_add_brain_label needs a label table (from the layout or label_names)")
+        raw, spec["label_mapping"], brain = _brain_label(raw, spec["label_mapping"])
+    if raw is None:
+        return None, None, spec, brain
+    table = mapped_table(raw, spec["label_mapping"])
+    check_contiguous(table)
+    return raw, table, spec, brain
+
+
+def _inferred_table(values: set[int]) -> LabelTable:
+    table = LabelTable({v: "background" if v == 0 else f"label_{v}" for v in sorted(values | {0})})
+    check_contiguous(table, "label values found in the prepared label maps")
+    return table
+
+
+# ---------------------------------------------------------------------------------- splits
+
+
+def _splits(cases: list[Case], cfg: dict) -> dict[str, str]:
+    fixed: dict[str, str] = {}
+    for case in cases:
+        if case.split is None:
+            continue
+        if fixed.get(case.subject_id, case.split) != case.split:
+            raise DataError(f"subject '{case.subject_id}' has cases in two explicit splits "
+                            f"({fixed[case.subject_id]} and {case.split})")
+        fixed[case.subject_id] = case.split
+    return assign_splits([c.subject_id for c in cases], cfg["split"]["fractions"], int(cfg["split"]["seed"]), fixed)
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def _report_unmatched(found: Discovery) -> None:
+    if found.unmatched:
+        log.warning("%d file(s) not used (see unmatched.txt):", len(found.unmatched))
+        for line in found.unmatched[:20]:
+            log.warning("  %s", line)
+        if len(found.unmatched) > 20:
+            log.warning("  ... and %d more", len(found.unmatched) - 20)
+
+
+def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | None = None,
+                    overrides: Iterable[str] = (), layout: str | None = None, seed: int | None = None,
+                    skip_bad: bool = False, progress: bool = True, **layout_options) -> Path:
+    """Prepare the dataset in `root` into `out` (replaced atomically); returns `out`.
+
+    `layout`, `seed` and `layout_options` (e.g. ``labels_dir``, ``modality``) override the config.
+    """
+    from tqdm.auto import tqdm
+
+    root, out = Path(root), Path(out)
+    cfg = prepare_config(config, overrides)
+    if layout is not None:
+        cfg["layout"] = layout
+    if seed is not None:
+        cfg["split"]["seed"] = int(seed)
+    for key, value in layout_options.items():
+        if key not in cfg["layout_options"]:
+            raise ConfigError(f"unknown layout option '{key}' (known: {', '.join(cfg['layout_options'])})")
+        cfg["layout_options"][key] = str(value) if isinstance(value, Path) else value
+    if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
+        raise ConfigError(f"{out}: the output folder must not be inside the input folder {root}")
+    cfg["layout"] = detect_layout(root, cfg["layout"])
+    found = discover(root, cfg["layout"], **_options(cfg, cfg["layout"]))
+    _report_unmatched(found)
+    raw_table, table, spec, brain = _resolve_tables(found, cfg)
+    log.info("%s layout: %d case(s) in %s", found.layout, len(found.cases), root)
+
+    names = {}
+    for case in found.cases:
+        name = _file_name(case.case_id)
+        if name in names:
+            raise DataError(f"{root}: case IDs '{names[name]}' and '{case.case_id}' give the same file name")
+        names[name] = case.case_id
+
+    with atomic_directory(out) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "labels").mkdir()
+        done, skipped, values = [], [], set()
+        for case in tqdm(found.cases, desc="prepare", unit="case", disable=not progress):
+            try:
+                image, label, record = _prepare_case(case, raw_table, table, spec, brain)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                log.warning("skipped: %s", exc)
+                skipped.append({"case_id": case.case_id, "error": str(exc)})
+                continue
+            name = _file_name(case.case_id)
+            np.save(tmp / "images" / f"{name}.npy", image.astype(np.float32))
+            np.save(tmp / "labels" / f"{name}.npy", label.astype(np.uint8))
+            values |= set(np.unique(label).tolist())
+            done.append((case, name, record))
+        if not done:
+            raise DataError(f"{root}: every case failed (first: {skipped[0]['error']})")
+        table = table or _inferred_table(values)
+        splits = _splits([c for c, _, _ in done], cfg)
+        cases = [{"case_id": c.case_id, "subject_id": c.subject_id, "split": splits[c.subject_id],
+                  "image": f"images/{n}.npy", "label": f"labels/{n}.npy", "record": r} for c, n, r in done]
+        # Typical intensities for inverting generated images: from training cases only, so no
+        # test statistics leak (all cases when the dataset is a test set only).
+        train_records = [c["record"] for c in cases if c["split"] == "train"] or [c["record"] for c in cases]
+        manifest = {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "modality": spec["modality"],
+            "channels": list(found.channel_names), "label_table": table.to_json(),
+            "spec": {**spec, "label_mapping": None if spec["label_mapping"] is None else
+                     {str(k): v for k, v in spec["label_mapping"].items()}},
+            "intensity": intensity_summary(train_records),
+            "layout": found.layout, "source": str(root.resolve()),
+            "split": {**cfg["split"], "counts": {s: sum(c["split"] == s for c in cases) for s in ("train", "val", "test")}},
+            "skipped": skipped,
+            "cases": cases,
+        }
+        write_json(tmp / "manifest.json", manifest)
+        save_config({"prepare": cfg}, tmp / "prepare.yaml")
+        (tmp / "unmatched.txt").write_text("".join(f"{line}\n" for line in found.unmatched))
+    counts = manifest["split"]["counts"]
+    log.info("prepared %d case(s) (train %d, val %d, test %d%s) in %s", len(cases), counts["train"], counts["val"],
+             counts["test"], f", {len(skipped)} skipped" if skipped else "", out)
+    return out

@@ -1,0 +1,74 @@
+"""Train/validation/test splits at the subject level, seeded and independent of file order.
+
+A subject (patient) never appears in two splits, so that no scan of a test patient is seen in
+training (the reference code split by ``os.listdir`` order and used the training set for
+validation). Splits given by the dataset itself (an ``imagesTs`` folder) are kept; the
+fractions of the splits so given are then not drawn again from the other subjects.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from medlsdm.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
+    values = np.asarray(list(fractions), dtype=float)
+    if values.shape != (3,) or not np.all(np.isfinite(values)) or np.any(values < 0) or values[0] <= 0:
+        raise ConfigError(f"split.fractions must be three non-negative numbers (train, val, test) with train > 0, "
+                          f"got {list(fractions)!r}")
+    return values / values.sum()
+
+
+def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Subjects per split: largest-remainder rounding of ``n * fraction``, then every split with a
+    positive fraction gets at least one subject when there are enough; with fewer subjects than
+    such splits, train gets the first, val the second."""
+    fractions = np.asarray(fractions, dtype=float)
+    raw = fractions * n
+    counts = np.floor(raw).astype(int)
+    order = sorted(range(3), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[: n - counts.sum()]:
+        counts[i] += 1
+    wanted = [i for i in range(3) if fractions[i] > 0]
+    if n < len(wanted):  # too few subjects for every split: one each, train first, then val
+        return [1 if i in wanted[:n] else 0 for i in range(3)]
+    for i in wanted:
+        if counts[i] == 0:
+            counts[int(np.argmax(counts))] -= 1
+            counts[i] += 1
+    return counts.tolist()
+
+
+def assign_splits(subject_ids: Iterable[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
+                  fixed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """{subject: "train" | "val" | "test"}.
+
+    Subjects in `fixed` keep their split. The others are sorted, permuted with
+    ``numpy.random.default_rng(seed)`` and cut by `fractions` (train, val, test), leaving out the
+    splits that `fixed` already provides (their fraction goes to the others).
+    """
+    fractions = _check_fractions(fractions)
+    fixed = dict(fixed or {})
+    bad = {s: v for s, v in fixed.items() if v not in SPLITS}
+    if bad:
+        raise ConfigError(f"explicit splits must be one of {', '.join(SPLITS)}, got {bad}")
+    subjects = sorted(set(map(str, subject_ids)))
+    free = [s for s in subjects if s not in fixed]
+    given = set(fixed.values())
+    fractions = np.array([0.0 if name in given and name != "train" else f for name, f in zip(SPLITS, fractions)])
+    fractions /= fractions.sum()
+    order = np.random.default_rng(seed).permutation(len(free))
+    counts = split_counts(len(free), fractions)
+    out = {s: fixed[s] for s in subjects if s in fixed}
+    start = 0
+    for name, count in zip(SPLITS, counts):
+        for i in order[start:start + count]:
+            out[free[i]] = name
+        start += count
+    return out

@@ -1,0 +1,238 @@
+"""Find volumes in evaluation folders and pair synthetic volumes with the real case they came from.
+
+Folders are either flat (one image file per case, the case ID being the file name without its
+extension) or the generic dataset layout (``images/`` and ``labels/``, read with
+``medlsdm.data.layouts.discover``, which also knows multi-channel cases).
+
+A synthetic volume generated from the label map of real case ``ID`` is named ``ID.nii.gz`` or
+``ID_sample<k>.nii.gz`` (k = 0, 1, ...; what ``medlsdm sample`` writes), so one case may have
+several samples. A file whose whole stem is a real case ID pairs with that case even if it ends in
+``_sample<k>``. Files that pair with nothing are reported, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from medlsdm.errors import DataError
+
+__all__ = [
+    "VOLUME_SUFFIXES", "VolumeFiles", "Pair", "Pairing", "volume_stem", "scan_folder",
+    "split_sample_name", "pair_by_case", "load_image", "load_label", "check_same_grid",
+    "refuse_same_folder",
+]
+
+# Longest first, so "x.nii.gz" is stripped as ".nii.gz", not ".gz".
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_SAMPLE_RE = re.compile(r"^(?P<case>.+)_sample(?P<k>\d+)$")
+
+
+@dataclass(frozen=True)
+class VolumeFiles:
+    """One volume on disk: ``name`` (case ID for real cases, file stem for synthetic files), its
+    image file(s) (one per channel in multi-file layouts) and its label map, if any."""
+
+    name: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+    channel_names: tuple[str, ...] = ()
+    subject_id: str | None = None  # patient, when the layout tells (repeat scans share one)
+
+    @property
+    def display(self) -> str:
+        return str(self.images[0]) if len(self.images) == 1 else f"{self.images[0]} (+{len(self.images) - 1} channels)"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A synthetic volume and the real case whose label map generated it."""
+
+    case_id: str
+    sample: int | None
+    real: VolumeFiles
+    synthetic: VolumeFiles
+
+
+@dataclass
+class Pairing:
+    pairs: list[Pair]
+    unpaired_real: list[str] = field(default_factory=list)
+    unpaired_synthetic: list[str] = field(default_factory=list)
+
+    def by_case(self) -> dict[str, list[Pair]]:
+        """Pairs grouped by case ID, samples in order."""
+        out: dict[str, list[Pair]] = defaultdict(list)
+        for p in self.pairs:
+            out[p.case_id].append(p)
+        return dict(out)
+
+    def summary(self) -> dict:
+        return {"n_pairs": len(self.pairs), "n_cases": len(self.by_case()),
+                "unpaired_real": list(self.unpaired_real),
+                "unpaired_synthetic": list(self.unpaired_synthetic)}
+
+
+def volume_stem(path: str | os.PathLike) -> str | None:
+    """File name without its volume extension, or None for files that are not volumes."""
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _flat_files(folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        stem = volume_stem(path)
+        if stem is None or stem.startswith(".") or not path.is_file():
+            continue  # hidden files include our own half-written temporaries
+        if stem in out:
+            raise DataError(f"{folder}: two files for '{stem}': {out[stem].name} and {path.name}")
+        out[stem] = path
+    return out
+
+
+def scan_folder(root: str | os.PathLike, what: str = "volumes",
+                labels_dir: str | os.PathLike | None = None) -> dict[str, VolumeFiles]:
+    """``{name: VolumeFiles}`` for a flat folder, a folder with only ``images/``, or a
+    generic-layout folder (``images/`` and ``labels/``, read by ``data.layouts.discover``). ``labels_dir`` (flat, files named by case ID) gives label maps for flat folders
+    or overrides the layout's. ``what`` names the folder's role in error messages."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: {what} folder not found")
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        found = _scan_generic(root)
+    else:  # flat, or images/ alone (synthetic volumes have no label maps of their own)
+        folder = root / "images" if (root / "images").is_dir() else root
+        found = {stem: VolumeFiles(stem, (path,)) for stem, path in _flat_files(folder).items()}
+    if not found:
+        raise DataError(f"{root}: no {what} found (expected NIfTI files such as CASE.nii.gz, "
+                        f"directly or under images/)")
+    if labels_dir is not None:
+        labels = _flat_files(_existing_dir(labels_dir, f"{what} labels"))
+        found = {k: VolumeFiles(v.name, v.images, labels.get(k, v.label), v.channel_names, v.subject_id)
+                 for k, v in found.items()}
+    return found
+
+
+def _existing_dir(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: {what} folder not found")
+    return path
+
+
+def _scan_generic(root: Path) -> dict[str, VolumeFiles]:
+    from medlsdm.data.layouts import discover
+
+    discovery = discover(root, "generic")
+    return {c.case_id: VolumeFiles(c.case_id, tuple(Path(p) for p in c.image_paths),
+                                   Path(c.label_path) if c.label_path else None,
+                                   tuple(c.channel_names or ()), getattr(c, "subject_id", None))
+            for c in discovery.cases}
+
+
+def split_sample_name(stem: str, case_ids: Sequence[str] | set[str]) -> tuple[str, int | None] | None:
+    """(case ID, sample index or None) for a synthetic file stem, or None if it pairs with no case."""
+    if stem in case_ids:
+        return stem, None
+    match = _SAMPLE_RE.match(stem)
+    if match and match.group("case") in case_ids:
+        return match.group("case"), int(match.group("k"))
+    return None
+
+
+def pair_by_case(real: Mapping[str, VolumeFiles], synthetic: Mapping[str, VolumeFiles],
+                 real_dir: str | os.PathLike = "real", synthetic_dir: str | os.PathLike = "synthetic") -> Pairing:
+    """Pair every synthetic volume with its real case by name; a DataError if nothing pairs."""
+    ids = set(real)
+    pairs, unpaired_syn = [], []
+    for stem in sorted(synthetic):
+        hit = split_sample_name(stem, ids)
+        if hit is None:
+            unpaired_syn.append(stem)
+        else:
+            pairs.append(Pair(hit[0], hit[1], real[hit[0]], synthetic[stem]))
+    if not pairs:
+        raise DataError(f"no synthetic volume in {synthetic_dir} matches a case in {real_dir}: expected "
+                        f"names CASE.nii.gz or CASE_sample<k>.nii.gz with CASE among "
+                        f"{_examples(sorted(ids))}, found {_examples(sorted(synthetic))}")
+    pairs.sort(key=lambda p: (p.case_id, -1 if p.sample is None else p.sample))
+    paired_ids = {p.case_id for p in pairs}
+    return Pairing(pairs, sorted(ids - paired_ids), unpaired_syn)
+
+
+def _examples(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_image(files: VolumeFiles) -> tuple[np.ndarray, np.ndarray]:
+    """(array float32 (C, X, Y, Z), affine) of a volume; channel files are stacked in order."""
+    from medlsdm.data.io import read_volume
+
+    arrays, affine = [], None
+    for path in files.images:
+        vol = read_volume(path)
+        arr = np.asarray(vol.array, dtype=np.float32)
+        arrays.append(arr[None] if arr.ndim == 3 else arr)
+        if affine is None:
+            affine = np.asarray(vol.affine, dtype=np.float64)
+        elif arrays[-1].shape[1:] != arrays[0].shape[1:] or not np.allclose(vol.affine, affine, atol=1e-3):
+            raise DataError(f"{path}: channel is not on the grid of {files.images[0]}")
+    array = np.concatenate(arrays, axis=0)
+    if not np.all(np.isfinite(array)):
+        raise DataError(f"{files.images[0]}: image contains NaN or infinite values")
+    return array, affine
+
+
+def load_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(integer label map (X, Y, Z), affine)."""
+    from medlsdm.data.io import read_label_map
+
+    vol = read_label_map(path)
+    arr = np.asarray(vol.array)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise DataError(f"{path}: label map must be 3D, got shape {arr.shape}")
+    return arr.astype(np.int64), np.asarray(vol.affine, dtype=np.float64)
+
+
+def check_same_grid(shape_a: Sequence[int], affine_a, name_a, shape_b: Sequence[int], affine_b,
+                    name_b, atol_mm: float = 1e-3) -> None:
+    """DataError naming both files when two volumes are not on one voxel grid (spatial shape and
+    affine); voxel-wise metrics between them would compare different anatomy."""
+    sa, sb = tuple(shape_a)[-3:], tuple(shape_b)[-3:]
+    if sa != sb:
+        raise DataError(f"grids differ: {name_a} has shape {sa}, {name_b} has shape {sb}")
+    if affine_a is not None and affine_b is not None and not np.allclose(affine_a, affine_b, atol=atol_mm):
+        sp_a = np.round(np.linalg.norm(np.asarray(affine_a)[:3, :3], axis=0), 3).tolist()
+        sp_b = np.round(np.linalg.norm(np.asarray(affine_b)[:3, :3], axis=0), 3).tolist()
+        raise DataError(f"grids differ: {name_a} and {name_b} have different affines "
+                        f"(spacing {sp_a} vs {sp_b}, origin {np.round(np.asarray(affine_a)[:3, 3], 2).tolist()} "
+                        f"vs {np.round(np.asarray(affine_b)[:3, 3], 2).tolist()})")
+
+
+def refuse_same_folder(**folders: str | os.PathLike | None) -> None:
+    """DataError when two roles (e.g. real test and synthetic) point at the same folder, or one
+    is inside the other's images/ folder: the reference evaluation loaded "real" and "fake" from
+    one folder, so its synthetic scores were real scores."""
+    resolved = {role: Path(p).resolve() for role, p in folders.items() if p is not None}
+    roles = list(resolved)
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            pa, pb = resolved[a], resolved[b]
+            if pa == pb or pa == pb / "images" or pb == pa / "images":
+                raise DataError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} point at the "
+                                f"same folder ({pa}); they must hold different volumes")

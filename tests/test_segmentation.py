@@ -1,0 +1,103 @@
+"""Downstream segmentation test on a toy set where the label is a simple function of the image
+(bright balls): a tiny U-Net learns it, synthetic copies show no domain gap, noise does."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from evaluation_data import write_cohort, write_nifti
+from medlsdm.errors import DataError, MedlsdmError
+from medlsdm.evaluation.segmentation import evaluate_segmentation, normalise_percentiles
+
+TINY = {"channels": (16, 32), "strides": (2,), "num_res_units": 1, "lr": 1e-2, "batch_size": 2}
+EPOCHS = 20  # 6 training volumes, batch 2: 60 steps of 16^3 (about a second)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    train = write_cohort(root / "train", [f"tr{i}" for i in range(6)], seed=10)
+    test = write_cohort(root / "test", ["te0", "te1"], seed=20)
+    copies = root / "synthetic_copies"
+    copies.mkdir()
+    for case in test:
+        shutil.copy(root / "test" / "images" / f"{case}.nii.gz", copies / f"{case}_sample0.nii.gz")
+    for case in train:  # synthetic training volumes: named after training label maps
+        shutil.copy(root / "train" / "images" / f"{case}.nii.gz", copies / f"{case}_sample0.nii.gz")
+    rng = np.random.default_rng(3)
+    noise = root / "synthetic_noise"
+    for case, (image, _) in test.items():
+        write_nifti(noise / f"{case}_sample0.nii.gz", rng.normal(150, 60, image.shape))
+    return root, copies, noise
+
+
+@pytest.fixture(scope="module")
+def copies_result(toy, tmp_path_factory):
+    root, copies, _ = toy
+    out = tmp_path_factory.mktemp("seg_out")
+    data = evaluate_segmentation(root / "train", root / "test", copies, out, epochs=EPOCHS, seed=0,
+                                 config=TINY, progress=False)
+    return out, data
+
+
+def test_normalise_percentiles_maps_each_channel_to_unit_range():
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.normal(0, 1, (8, 8, 8)), rng.normal(500, 100, (8, 8, 8)), np.full((8, 8, 8), 3.0)])
+    out = normalise_percentiles(image)
+    for c in range(2):
+        assert out[c].min() == -1.0 and out[c].max() == 1.0
+        order = np.argsort(image[c].ravel())
+        assert np.all(np.diff(out[c].ravel()[order]) >= 0)  # monotone: contrast kept
+        lo, hi = np.percentile(image[c], [0.5, 99.5])
+        assert out[c].ravel()[order[len(order) // 2]] == pytest.approx(2 * (np.median(image[c]) - lo) / (hi - lo) - 1, abs=0.02)
+    assert np.all(out[2] == -1.0)
+
+
+def test_real_network_learns_and_copies_show_no_gap(copies_result):
+    out, data = copies_result
+    real = data["protocols"]["real"]
+    assert real["steps"] == EPOCHS * 3 and real["n_train_volumes"] == 6
+    dice_real = real["tests"]["real"]["mean"]["dice"]
+    assert dice_real > 0.6  # chance (random labels) is under 0.1: each ball fills ~3 % of the volume
+    assert set(real["tests"]["real"]["per_class"]) == {1, 2}  # background excluded
+    assert data["domain_gap"]["ratio"] == pytest.approx(1.0)  # identical images, identical predictions
+    written = json.loads((out / "segmentation.json").read_text())
+    assert written["domain_gap"]["dice_synthetic"] == pytest.approx(written["domain_gap"]["dice_real"])
+    assert written["num_classes"] == 3 and written["settings"]["patch"] == [16, 16, 16]
+    assert (out / written["figures"][0]["path"]).is_file()
+
+
+def test_synthetic_training_protocols_use_training_label_maps_only(copies_result):
+    _, data = copies_result
+    assert data["n_synthetic_train"] == 6  # tr*_sample0; te*_sample0 carry test labels: excluded
+    for name in ("real+synthetic", "synthetic"):
+        proto = data["protocols"][name]
+        assert proto["n_train_volumes"] == (12 if name == "real+synthetic" else 6)
+        assert proto["tests"]["real"]["mean"]["dice"] > 0.5
+
+
+def test_noise_synthetic_scores_lower(toy, copies_result, tmp_path):
+    root, _, noise = toy
+    data = evaluate_segmentation(root / "train", root / "test", noise, tmp_path, epochs=EPOCHS, seed=0,
+                                 config=TINY, progress=False, protocols=["real"], figures=False)
+    _, copies = copies_result
+    # Same seed and data: the same network as in the copies run.
+    assert data["domain_gap"]["dice_real"] == pytest.approx(copies["domain_gap"]["dice_real"])
+    assert data["domain_gap"]["dice_synthetic"] < 0.5 * data["domain_gap"]["dice_real"]
+    assert data["domain_gap"]["ratio"] < 0.5
+
+
+def test_refuses_same_folders_and_impossible_protocols(toy, tmp_path):
+    root, copies, noise = toy
+    with pytest.raises(DataError, match="--test-real and --synthetic point at the same folder"):
+        evaluate_segmentation(root / "train", root / "test", root / "test", tmp_path, epochs=1)
+    with pytest.raises(DataError, match="same folder"):
+        evaluate_segmentation(root / "train", root / "test", root / "test" / "images", tmp_path, epochs=1)
+    with pytest.raises(DataError, match="protocol synthetic: no synthetic training volume"):
+        evaluate_segmentation(root / "train", root / "test", noise, tmp_path, epochs=1, config=TINY,
+                              protocols=["synthetic"], progress=False)
+    with pytest.raises(MedlsdmError, match="--patch 9 16 16"):
+        evaluate_segmentation(root / "train", root / "test", noise, tmp_path, epochs=1, config=TINY,
+                              patch=(9, 16, 16), progress=False)
