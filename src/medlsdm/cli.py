@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "medlsdm.commands.train",
     "medlsdm.commands.sample",
     "medlsdm.commands.evaluate",
+    "medlsdm.commands.demo",
 ]
 
 
