@@ -64,5 +64,5 @@ def make_prepared_dataset(root, n_train: int = 3, n_val: int = 1, shape=(16, 16,
         "spec": {"target_shape": list(shape), "normalisation": "minmax"},
         "cases": cases,
     }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return root

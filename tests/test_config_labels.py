@@ -11,7 +11,7 @@ DEFAULTS = {"model": {"channels": [16, 32], "decoder": "plain"}, "training": {"m
 
 def test_resolve_applies_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("training:\n  max_steps: 50\n")
+    path.write_text("training:\n  max_steps: 50\n", encoding="utf-8")
     cfg = config.resolve(DEFAULTS, str(path), ["training.lr=0.5", "model.decoder=spade", "model.channels=[8, 8]"])
     assert cfg["training"] == {"max_steps": 50, "lr": 0.5}
     assert cfg["model"] == {"channels": [8, 8], "decoder": "spade"}

@@ -38,14 +38,14 @@ def test_layout_and_metadata(cohort):
     assert sorted(p.name for p in (cohort / "labels").iterdir()) == names[:3]
     assert sorted(p.name for p in (cohort / "imagesTs").iterdir()) == names[3:]
     assert sorted(p.name for p in (cohort / "labelsTs").iterdir()) == names[3:]
-    assert json.loads((cohort / "labels.json").read_text()) == {
+    assert json.loads((cohort / "labels.json").read_text(encoding="utf-8")) == {
         "0": "background", "1": "csf_other_brain", "2": "grey_matter", "3": "white_matter"
     }
-    meta = json.loads((cohort / "dataset.json").read_text())
+    meta = json.loads((cohort / "dataset.json").read_text(encoding="utf-8"))
     assert meta["generator"] == demo.GENERATOR
     assert (meta["numTraining"], meta["numTest"]) == (3, 1)
     assert meta["parameters"]["shape"] == [24, 24, 24] and meta["parameters"]["seed"] == 3
-    assert "ICBM152" in (cohort / "README.txt").read_text()
+    assert "ICBM152" in (cohort / "README.txt").read_text(encoding="utf-8")
     assert not [p for p in cohort.parent.iterdir() if p.name.startswith(".tmp")]  # atomic write cleaned up
 
 
@@ -139,7 +139,7 @@ def test_cli_end_to_end_and_rerun(tmp_path, capsys):
     np.testing.assert_allclose(np.diag(affine)[:3], 8.0)
     assert len(list((out / "images").glob("*.nii.gz"))) == 2
     assert main(args[:-1] + ["6"]) == 0  # an earlier demo cohort is replaced
-    assert json.loads((out / "dataset.json").read_text())["parameters"]["seed"] == 6
+    assert json.loads((out / "dataset.json").read_text(encoding="utf-8"))["parameters"]["seed"] == 6
 
 
 def _error_line(capsys):
@@ -150,7 +150,7 @@ def _error_line(capsys):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     blocker = tmp_path / "a_file"
-    blocker.write_text("x")
+    blocker.write_text("x", encoding="utf-8")
     assert main(["demo-data", "--out", str(blocker / "demo"), "--shape", "16", "--spacing", "8"]) == 2
     assert "a_file" in _error_line(capsys)
     assert not list(tmp_path.glob(".tmp*"))
@@ -161,7 +161,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     # A folder that is not an earlier demo cohort is never replaced (writing replaces it whole).
     precious = tmp_path / "precious"
     precious.mkdir()
-    (precious / "keep.txt").write_text("keep")
+    (precious / "keep.txt").write_text("keep", encoding="utf-8")
     assert main(["demo-data", "--out", str(precious), "--shape", "16", "--spacing", "8"]) == 2
     assert "not an earlier demo cohort" in _error_line(capsys)
-    assert (precious / "keep.txt").read_text() == "keep"
+    assert (precious / "keep.txt").read_text(encoding="utf-8") == "keep"

@@ -71,7 +71,7 @@ def test_identical_volumes_give_perfect_scores(tmp_path, cohort):
     assert summary["ms_ssim"]["mean"] == pytest.approx(1.0, abs=1e-9)
     assert summary["rmse"]["mean"] == 0.0 and summary["mae"]["mean"] == 0.0
     assert summary["psnr"]["mean"] == float("inf") and summary["psnr"]["n"] == 3
-    written = json.loads((out / "metrics.json").read_text())  # strict JSON: no bare Infinity
+    written = json.loads((out / "metrics.json").read_text(encoding="utf-8"))  # strict JSON: no bare Infinity
     assert written["paired"]["summary"]["psnr"]["mean"] == "inf"
     assert {r["sample"] for r in written["paired"]["per_case"]} == {0, None, 3}
     assert (out / "figures" / "quality_cases.png").is_file()

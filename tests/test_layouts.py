@@ -42,7 +42,7 @@ def _summary(found):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_generic_pairs_by_case_id_and_reports_unmatched(tmp_path, reverse):
     write_all(tmp_path, GENERIC, reverse)
-    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "organ"}))
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "organ"}), encoding="utf-8")
     found = discover(tmp_path)
     assert found.layout == "generic"
     assert _summary(found) == [
@@ -71,7 +71,7 @@ def test_generic_channels_and_ids_ending_in_digits(tmp_path):
     write_all(multi, ["images/p1_0001.nii.gz", "images/p1_0000.nii.gz", "labels/p1.nii.gz",
                       "images/p2_0000.nii.gz", "images/p2_0001.nii.gz", "labels/p2.nii.gz"])
     (multi / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "FLAIR"},
-                                                    "labels": {"background": 0, "lesion": 1}}))
+                                                    "labels": {"background": 0, "lesion": 1}}), encoding="utf-8")
     found = discover(multi, "generic")
     assert [[p.name for p in c.image_paths] for c in found.cases] == [["p1_0000.nii.gz", "p1_0001.nii.gz"],
                                                                       ["p2_0000.nii.gz", "p2_0001.nii.gz"]]
@@ -98,7 +98,7 @@ def test_nnunet(tmp_path):
                          "imagesTs/la_009_0000.nii.gz", "imagesTs/la_009_0001.nii.gz", "labelsTs/la_009.nii.gz"])
     (tmp_path / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT", "1": "PET"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
-        "numTraining": 3, "file_ending": ".nii.gz"}))
+        "numTraining": 3, "file_ending": ".nii.gz"}), encoding="utf-8")
     found = discover(tmp_path)
     assert found.layout == "nnunet"
     assert [(c.case_id, c.split) for c in found.cases] == [("la_001", None), ("la_002", None), ("la_009", "test")]
@@ -153,7 +153,7 @@ def test_synthrad2023_labels_dir_and_modality(tmp_path):
             write(data / patient / f"{name}.nii.gz")
     labels = tmp_path / "maps"
     write_all(labels, ["1BA002.nii.gz", "1BA001.nii.gz", "1BA999.nii.gz"])
-    (labels / "labels.json").write_text(json.dumps({"0": "background", "1": "skull", "2": "brain"}))
+    (labels / "labels.json").write_text(json.dumps({"0": "background", "1": "skull", "2": "brain"}), encoding="utf-8")
     assert detect_layout(tmp_path) == "synthrad2023"
     found = discover(tmp_path, labels_dir=labels)
     assert [(c.case_id, c.image_paths[0].name, c.label_path) for c in found.cases] == [
@@ -172,7 +172,7 @@ def test_duke(tmp_path):
                          "segmentations/Segmentation_Breast_MRI_001_Dense_and_Vessels.nii.gz",
                          "segmentations/Breast_MRI_001_Breast.nii.gz",
                          "segmentations/Segmentation_Breast_MRI_003_Dense_and_Vessels.nii.gz"])
-    (tmp_path / "images" / "notes.txt").write_text("not a volume")
+    (tmp_path / "images" / "notes.txt").write_text("not a volume", encoding="utf-8")
     found = discover(tmp_path)
     assert found.layout == "duke"
     assert [(c.case_id, c.image_paths[0].name, c.label_path.name) for c in found.cases] == [

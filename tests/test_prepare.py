@@ -36,7 +36,7 @@ def make_generic(root: Path, n: int = 6, n_test: int = 1, values=(1, 2), table=T
         _save(root / f"labels{suffix}" / f"case{i}.nii.gz", label)
     _save(root / "images" / "orphan.nii.gz", image)  # no label map: reported, not used
     if table:
-        (root / "labels.json").write_text(json.dumps({"0": "background", "1": "liver", "2": "tumour"}))
+        (root / "labels.json").write_text(json.dumps({"0": "background", "1": "liver", "2": "tumour"}), encoding="utf-8")
     return root
 
 
@@ -61,8 +61,8 @@ def test_prepare_generic_end_to_end(tmp_path, capsys):
         assert image[0][label > 0].mean() > image[0][label == 0].mean()
     summary = manifest["intensity"]["channels"][0]
     assert 50.0 < summary["lo"] < summary["hi"] < 250.0
-    assert "orphan.nii.gz" in (out / "unmatched.txt").read_text()
-    assert yaml.safe_load((out / "prepare.yaml").read_text())["prepare"]["split"]["seed"] == 5
+    assert "orphan.nii.gz" in (out / "unmatched.txt").read_text(encoding="utf-8")
+    assert yaml.safe_load((out / "prepare.yaml").read_text(encoding="utf-8"))["prepare"]["split"]["seed"] == 5
     assert len(PreparedDataset(out, "train")) == sum(v == "train" for v in splits.values())
     # The same seed again gives the same splits (files rewritten atomically in place).
     assert main(["prepare", str(data), "--out", str(out), "--set", "shape=[8,8,8]", "--seed", "5", "--no-progress"]) == 0
@@ -77,7 +77,7 @@ def test_prepare_demo_cohort(tmp_path):
     assert main(["prepare", str(demo), "--out", str(out), "--config", "demo", "--set", "shape=[16,16,16]",
                  "--no-progress"]) == 0
     manifest = load_manifest(out)
-    assert manifest["label_table"] == json.loads((demo / "labels.json").read_text())
+    assert manifest["label_table"] == json.loads((demo / "labels.json").read_text(encoding="utf-8"))
     splits = {c["case_id"]: c["split"] for c in manifest["cases"]}
     assert splits["subject_003"] == "test" and sorted(splits.values()) == ["test", "train", "train", "val"]
     label = np.load(out / manifest["cases"][0]["label"])
@@ -180,7 +180,7 @@ def test_inspect_file_and_prepared_case(tmp_path, capsys):
     image, label = _pair(rng)
     _save(tmp_path / "img.nii.gz", image, affine)
     _save(tmp_path / "seg.nii.gz", label, affine)
-    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "liver", "2": "tumour"}))
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "liver", "2": "tumour"}), encoding="utf-8")
     png = tmp_path / "view.png"
     assert main(["inspect", str(tmp_path / "img.nii.gz"), "--labels", str(tmp_path / "seg.nii.gz"),
                  "--table", str(tmp_path / "labels.json"), "--png", str(png)]) == 0

@@ -36,10 +36,10 @@ def test_write_report_markdown_and_html(tmp_path):
     sections = [Section("First", [Text("Some <text> & more"), Table(["metric", "value"], [["ssim|3d", 0.5], ["psnr", "inf"]], "Summary"),
                                   Figure("figures/a.png", "A picture")])]
     md, page = write_report(tmp_path, sections, title="T")
-    text = md.read_text()
+    text = md.read_text(encoding="utf-8")
     assert "# T" in text and "## First" in text and "![A picture](figures/a.png)" in text
     assert "| ssim\\|3d | 0.5 |" in text and "| psnr | ∞ |" in text
-    doc = page.read_text()
+    doc = page.read_text(encoding="utf-8")
     assert "<img src='figures/a.png'" in doc and "Some &lt;text&gt; &amp; more" in doc and "<td>∞</td>" in doc
     with pytest.raises(MedlsdmError, match="missing.png: report figure is missing"):
         write_report(tmp_path, [Section("x", [Figure("missing.png")])])
@@ -56,20 +56,20 @@ def test_build_report_assembles_existing_sections(tmp_path):
         "distribution": {"fid2d": {"per_axis": {"D": 1.5, "H": 2.0, "W": 2.5}, "mean": 2.0, "features": "inc"}},
         "diversity": {"synthetic_per_case": {"c0": 0.9}, "synthetic_mean": 0.9, "real": 0.8},
         "skipped": {"lpips": "weights not found"},
-        "figures": [{"path": "figures/quality_cases.png", "caption": "cases"}]}))
+        "figures": [{"path": "figures/quality_cases.png", "caption": "cases"}]}), encoding="utf-8")
     (tmp_path / "segmentation.json").write_text(json.dumps({
         "domain_gap": {"dice_real": 0.8, "dice_synthetic": 0.6, "ratio": 0.75}, "class_names": {"1": "tumour"},
         "protocols": {"real": {"n_train_volumes": 4, "tests": {
             "real": {"n_volumes": 2, "mean": {"dice": 0.8}, "per_class": {"1": {"dice": 0.8}}},
             "synthetic": {"n_volumes": 2, "mean": {"dice": 0.6}, "per_class": {"1": {"dice": 0.6}}}}}},
-        "skipped_protocols": {"synthetic": "no synthetic training volume"}}))
+        "skipped_protocols": {"synthetic": "no synthetic training volume"}}), encoding="utf-8")
     md, page = build_report(tmp_path)
-    text = md.read_text()
+    text = md.read_text(encoding="utf-8")
     assert text.index("## Image quality") < text.index("## Downstream segmentation")
     assert "| ssim | 0.8 ± 0.1 | 2 |" in text and "| psnr | ∞ ± 0 | 2 |" in text
     assert "2D FID, slices along W | 2.5" in text and "| lpips | weights not found |" in text
     assert "ratio synthetic/real 0.75" in text and "| 1 tumour | 0.8" in text
-    assert "Privacy" not in text and "figures/quality_cases.png" in page.read_text()
+    assert "Privacy" not in text and "figures/quality_cases.png" in page.read_text(encoding="utf-8")
 
 
 @pytest.fixture
@@ -90,14 +90,14 @@ def test_privacy_command_flags_copy_and_writes_report(privacy_data, tmp_path, ca
     train, syn, _ = privacy_data
     out = tmp_path / "out"
     assert main(["evaluate", "privacy", "--train", str(train), "--synthetic", str(syn), "--out", str(out)]) == 0
-    result = json.loads((out / "privacy.json").read_text())
+    result = json.loads((out / "privacy.json").read_text(encoding="utf-8"))
     assert [p["synthetic_id"] for p in result["flagged"]] == ["gen0"]
     assert result["flagged"][0]["train_id"] == "p2" and result["flagged"][0]["similarity"] == pytest.approx(1, abs=1e-5)
     for fig in result["figures"]:
         assert (out / fig["path"]).is_file()
     assert {f["path"] for f in result["figures"]} == {"figures/privacy_histogram.png", "figures/privacy_closest_pairs.png"}
     assert "1 of 3 synthetic volumes flagged" in capsys.readouterr().out
-    text = (out / "report.md").read_text()
+    text = (out / "report.md").read_text(encoding="utf-8")
     assert "## Privacy" in text and "figures/privacy_histogram.png" in text
     assert not list((out / "cache").glob("privacy_*.npy"))  # temporary copies removed
     # The report command rebuilds the same report from the JSON alone.

@@ -37,7 +37,7 @@ def test_weights_round_trip_and_errors(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert sidecar["kind"] == "test" and "torch" in sidecar["versions"]
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    (tmp_path / "bad.json").write_text(json.dumps({}))
+    (tmp_path / "bad.json").write_text(json.dumps({}), encoding="utf-8")
     with pytest.raises(MedlsdmError, match="bad.safetensors"):
         load_weights(tmp_path / "bad.safetensors")
     with pytest.raises(MedlsdmError, match="not found"):

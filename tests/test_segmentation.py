@@ -63,7 +63,7 @@ def test_real_network_learns_and_copies_show_no_gap(copies_result):
     assert dice_real > 0.6  # chance (random labels) is under 0.1: each ball fills ~3 % of the volume
     assert set(real["tests"]["real"]["per_class"]) == {1, 2}  # background excluded
     assert data["domain_gap"]["ratio"] == pytest.approx(1.0)  # identical images, identical predictions
-    written = json.loads((out / "segmentation.json").read_text())
+    written = json.loads((out / "segmentation.json").read_text(encoding="utf-8"))
     assert written["domain_gap"]["dice_synthetic"] == pytest.approx(written["domain_gap"]["dice_real"])
     assert written["num_classes"] == 3 and written["settings"]["patch"] == [16, 16, 16]
     assert (out / written["figures"][0]["path"]).is_file()

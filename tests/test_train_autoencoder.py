@@ -241,14 +241,14 @@ def test_ddp_two_cpu_processes_keep_codebooks_identical(data, tmp_path):
     # would be pytest itself: run a small driver script in a subprocess instead (it records each
     # rank's final codebook).
     driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent(DRIVER))
+    driver.write_text(textwrap.dedent(DRIVER), encoding="utf-8")
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     argv = [sys.executable, str(driver), "train", "autoencoder", "--data", str(data), "--out", str(run),
             *_sets("trainer.max_steps=3", "loss.perceptual=0", "trainer.devices=2", "trainer.accelerator=cpu",
                    "trainer.strategy=ddp", "loss.disc_start=1")]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cb0, cb1 = (torch.load(run / f"codebook_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(cb0, cb1)

@@ -25,7 +25,7 @@ def preset_names() -> list[str]:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
@@ -123,4 +123,4 @@ def stage_config(defaults: Mapping, config: str | Mapping | None = None, overrid
 
 def save_config(cfg: Mapping, path: str | Path) -> None:
     with atomic_output(path) as tmp:
-        tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=False), encoding="utf-8")

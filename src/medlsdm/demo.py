@@ -39,13 +39,15 @@ def _generic_view(out: Path, images: Path, labels: Path) -> Path:
     return out
 
 
-def train_demo_models(prepared: Path, runs: Path, budget_minutes: float, overrides=()) -> Path:
-    """Train both stages on the demo cohort within `budget_minutes` (split 40/60)."""
+def train_demo_models(prepared: Path, runs: Path, budget_minutes: float, overrides=(), patch: int = 32) -> Path:
+    """Train both stages on the demo cohort within `budget_minutes` (split 40/60); the
+    autoencoder trains on random patches of at most `patch`^3 voxels."""
     from medlsdm.training.autoencoder import train_autoencoder
     from medlsdm.training.diffusion import train_diffusion
 
     ae_minutes, dm_minutes = 0.4 * budget_minutes, 0.6 * budget_minutes
-    train_autoencoder(prepared, runs / "autoencoder", "demo", [f"trainer.max_minutes={ae_minutes}", *overrides])
+    train_autoencoder(prepared, runs / "autoencoder", "demo",
+                      [f"trainer.max_minutes={ae_minutes}", f"data.patch_size=[{patch}, {patch}, {patch}]", *overrides])
     train_diffusion(prepared, runs / "diffusion", runs / "autoencoder", "demo",
                     [f"trainer.max_minutes={dm_minutes}", *overrides])
     return runs / "diffusion"
@@ -81,7 +83,7 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
     if train or model_dir is None:
         why = "as asked" if train else "no demo weights are shipped with this installation"
         _step(3, n, f"training both stages within {budget_minutes:g} minutes ({why})")
-        model_dir = train_demo_models(prepared, out / "runs", budget_minutes, train_overrides)
+        model_dir = train_demo_models(prepared, out / "runs", budget_minutes, train_overrides, patch=min(32, shape))
     else:
         _step(3, n, f"using the shipped demo model in {model_dir}")
 

@@ -69,13 +69,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically, indented for people to read."""
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike):
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MedlsdmError(f"{path}: file not found") from None
     except json.JSONDecodeError as exc:

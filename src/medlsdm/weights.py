@@ -61,7 +61,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise MedlsdmError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        sidecar = json.loads(meta.read_text())
+        sidecar = json.loads(meta.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MedlsdmError(f"{meta}: not valid JSON ({exc.msg})") from None
     return state, sidecar

@@ -281,7 +281,7 @@ def _check_destination(out: Path) -> None:
         raise MedlsdmError(f"{out}: exists and is a file; choose a folder for the demo cohort")
     if out.is_dir() and any(out.iterdir()):
         try:
-            previous = json.loads((out / "dataset.json").read_text()).get("generator")
+            previous = json.loads((out / "dataset.json").read_text(encoding="utf-8")).get("generator")
         except (OSError, ValueError, AttributeError):
             previous = None
         if previous != GENERATOR:
@@ -383,5 +383,5 @@ def write_demo_cohort(
         (tmp / "README.txt").write_text(
             _README.format(n_train=n_subjects - n_test, n_test=n_test, shape="x".join(map(str, shape)),
                            spacing="x".join(f"{s:g}" for s in spacing), seed=seed)
-        )
+        , encoding="utf-8")
     return out

@@ -270,7 +270,7 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
         }
         write_json(tmp / "manifest.json", manifest)
         save_config({"prepare": cfg}, tmp / "prepare.yaml")
-        (tmp / "unmatched.txt").write_text("".join(f"{line}\n" for line in found.unmatched))
+        (tmp / "unmatched.txt").write_text("".join(f"{line}\n" for line in found.unmatched), encoding="utf-8")
     counts = manifest["split"]["counts"]
     log.info("prepared %d case(s) (train %d, val %d, test %d%s) in %s", len(cases), counts["train"], counts["val"],
              counts["test"], f", {len(skipped)} skipped" if skipped else "", out)

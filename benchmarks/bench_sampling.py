@@ -1,0 +1,81 @@
+"""Sampler speed and quality on a trained model: DDPM over all steps against DDIM and
+DPM-Solver++ at 10/25/50 steps, and guidance scales, on held-out cases of a prepared dataset.
+
+Quality is measured on the prepared grid against the paired real image (the case whose label
+map conditioned the sample): PSNR and 3D SSIM with data range 2 ([-1, 1]). Medians over cases.
+
+    .venv/bin/python benchmarks/bench_sampling.py --model RUN_DIR --data PREPARED [--cases 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from medlsdm.data.dataset import PreparedDataset
+from medlsdm.evaluation.metrics import psnr, ssim3d
+from medlsdm.generate import load_model, synthesize
+
+
+def run(model, cases, sampler, steps, guidance, seed=0):
+    times, psnrs, ssims = [], [], []
+    for i, case in enumerate(cases):
+        label = case["label"][0].numpy()
+        start = time.perf_counter()
+        x = synthesize(model, label, n=1, sampler=sampler, steps=steps, guidance=guidance, seed=seed + i,
+                       progress=False)[0].numpy()
+        times.append(time.perf_counter() - start)
+        real = case["image"].numpy()
+        psnrs.append(psnr(x, real, data_range=2.0))
+        ssims.append(ssim3d(x, real, data_range=2.0))
+    return {"sampler": sampler, "steps": steps or model.schedule.T, "guidance": guidance,
+            "seconds_per_volume": statistics.median(times), "psnr": statistics.median(psnrs),
+            "ssim": statistics.median(ssims)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--cases", type=int, default=2)
+    ap.add_argument("--skip-ddpm", action="store_true")
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model = load_model(args.model)
+    data = PreparedDataset(args.data, split=args.split)
+    cases = [data[i] for i in range(min(args.cases, len(data)))]
+    default_w = model.sidecar["sampling"].get("guidance", 1.0)
+    rows = []
+    if not args.skip_ddpm:
+        rows.append(run(model, cases, "ddpm", None, default_w))
+    for sampler in ("ddim", "dpm++"):
+        for steps in (10, 25, 50):
+            rows.append(run(model, cases, sampler, steps, default_w))
+            print(json.dumps(rows[-1]), flush=True)
+    for w in (0.0, 1.0, 1.5, 3.0):
+        rows.append(run(model, cases, "ddim", 25, w))
+        print(json.dumps(rows[-1]), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; commit {commit}; cases: {len(cases)} ({args.split})")
+    print("| sampler | steps | guidance w | s / volume | PSNR (dB) | SSIM |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | {r['seconds_per_volume']:.1f} | "
+              f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
