@@ -42,3 +42,19 @@ def test_weights_round_trip_and_errors(tmp_path):
         load_weights(tmp_path / "bad.safetensors")
     with pytest.raises(MedlsdmError, match="not found"):
         load_weights(tmp_path / "missing.safetensors")
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from medlsdm.files import atomic_directory, atomic_output
+
+    with atomic_output(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x", encoding="utf-8")
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("y", encoding="utf-8")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert not list(tmp_path.glob(".tmp-*"))
