@@ -124,10 +124,8 @@ def test_resample_to_grid_matches_a_smooth_field_and_fills_outside():
 # ---------------------------------------------------------------------- preprocessing
 
 
-def make_case(affine, channels=1, modality="mr"):
+def make_case(affine, channels=1):
     image = smooth_image(SHAPE, affine)
-    if modality == "ct":
-        image = image * 20.0 - 2500.0  # about -1500 .. 1000 HU
     array = np.stack([image * (c + 1) for c in range(channels)]) if channels > 1 else image
     label = blob_label(SHAPE)
     return (Volume(array, affine, path="img.nii.gz"), Volume(label, affine, path="case_007_seg.nii.gz"))
@@ -153,10 +151,11 @@ def test_crop_pad_only_is_exactly_invertible(name):
     # Percentiles 0..100: no clipping, so voxels inside the crop come back (float32 round-off).
     inside = invert_label(np.ones_like(prepared_label), record).array.astype(bool)
     np.testing.assert_allclose(back_image.array[:, inside], image.array[:, inside], rtol=1e-5, atol=1e-3)
-    # Outside the crop: each channel's lower clip value.
-    lows = [c["lo"] for c in record["normalisation"]["channels"]]
+    # Outside the crop: each channel's original minimum.
+    assert (~inside).any()
     for c in range(2):
-        assert np.allclose(back_image.array[c][~inside], lows[c])
+        assert record["normalisation"]["channels"][c]["min"] == pytest.approx(float(image.array[c].min()))
+        assert np.allclose(back_image.array[c][~inside], image.array[c].min())
 
 
 @pytest.mark.parametrize("name", ["lps_aniso", "oblique_asl", "pir_aniso"])
@@ -216,14 +215,18 @@ def test_mr_percentile_and_ct_window_normalisation():
     np.testing.assert_allclose(back[within], image.array[within], rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(back[~within], np.clip(image.array, lo, hi)[~within], rtol=1e-5, atol=1e-3)
 
-    ct_image, ct_label = make_case(affine, modality="ct")
-    prepared, _, record = preprocess_case(ct_image, ct_label, {"modality": "ct", "ct_window": [-1000.0, 500.0]})
+    # CT: -1500 .. 1000 HU, so the window [-1000, 500] clips on both sides.
+    ct_image = Volume(np.linspace(-1500.0, 1000.0, np.prod(SHAPE)).reshape(SHAPE).astype(np.float32), affine)
+    prepared, _, record = preprocess_case(ct_image, label, {"modality": "ct", "ct_window": [-1000.0, 500.0]})
     expected = 2.0 * (np.clip(ct_image.array, -1000.0, 500.0) + 1000.0) / 1500.0 - 1.0
     # RAS input, no crop: the prepared array is the (Z, Y, X) transpose.
     np.testing.assert_allclose(prepared[0], expected.transpose(2, 1, 0), atol=1e-5)
-    assert record["normalisation"] == {"modality": "ct", "channels": [{"lo": -1000.0, "hi": 500.0}]}
-    summary = intensity_summary([record, record])
-    assert summary == record["normalisation"]
+    assert record["normalisation"] == {"modality": "ct", "channels": [{"lo": -1000.0, "hi": 500.0, "min": -1500.0}]}
+    back = invert_image(prepared, record).array
+    np.testing.assert_allclose(back, np.clip(ct_image.array, -1000.0, 500.0), atol=1e-3)
+    other = {"modality": "ct", "channels": [{"lo": -900.0, "hi": 700.0, "min": -1100.0}]}
+    summary = intensity_summary([record, {"normalisation": other}, record])
+    assert summary == record["normalisation"]  # the median per value
 
 
 def test_resize_mode_shape_and_extent():

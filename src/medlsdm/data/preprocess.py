@@ -217,11 +217,12 @@ def _finish_label(label: np.ndarray, table: LabelTable | None, source: str) -> n
 # ------------------------------------------------------------------------------- intensity
 
 
-def _normalise(image: np.ndarray, spec: dict) -> tuple[np.ndarray, dict]:
+def _normalise(image: np.ndarray, spec: dict, minimum: Sequence[float]) -> tuple[np.ndarray, dict]:
     """Per channel: clip to [lo, hi] and map linearly to [-1, 1]. MR: lo/hi are percentiles of
     the voxels above the channel's minimum (the head/body; MR background is usually the
     minimum, often 0), or of the whole volume when there are none. Not the label foreground:
-    a small label (a tumour) would clip the rest of the anatomy flat."""
+    a small label (a tumour) would clip the rest of the anatomy flat. `minimum` (the original
+    image's per-channel minimum) is stored to fill what lies outside the crop on inversion."""
     out = np.empty(image.shape, dtype=np.float32)
     channels = []
     for c, channel in enumerate(image):
@@ -234,11 +235,13 @@ def _normalise(image: np.ndarray, spec: dict) -> tuple[np.ndarray, dict]:
                 hi = lo + 1.0
         # The final clip guards the [-1, 1] contract against float rounding at hi.
         out[c] = np.clip(2.0 * (np.clip(channel, lo, hi) - lo) / (hi - lo) - 1.0, -1.0, 1.0)
-        channels.append({"lo": float(lo), "hi": float(hi)})
+        channels.append({"lo": float(lo), "hi": float(hi), "min": float(minimum[c])})
     return out, {"modality": spec["modality"], "channels": channels}
 
 
 def _denormalise(array: np.ndarray, normalisation: Mapping) -> np.ndarray:
+    """[-1, 1] -> [lo, hi] per channel; NaN voxels (outside the prepared region) get the
+    channel's original minimum (its lower clip value for records that predate storing it)."""
     channels = normalisation["channels"]
     if len(channels) not in (1, array.shape[0]):
         raise DataError(f"cannot undo the normalisation: {array.shape[0]} image channels but {len(channels)} "
@@ -247,6 +250,7 @@ def _denormalise(array: np.ndarray, normalisation: Mapping) -> np.ndarray:
     for c in range(array.shape[0]):
         entry = channels[c if len(channels) > 1 else 0]
         out[c] = (array[c] + 1.0) / 2.0 * (entry["hi"] - entry["lo"]) + entry["lo"]
+        out[c][np.isnan(out[c])] = entry.get("min", entry["lo"])
     return out
 
 
@@ -257,7 +261,8 @@ def intensity_summary(records: Sequence[Mapping]) -> dict:
     if not norms:
         raise DataError("no case records with an intensity normalisation to summarise")
     num = len(norms[0]["channels"])
-    channels = [{key: float(np.median([n["channels"][c][key] for n in norms])) for key in ("lo", "hi")}
+    keys = [k for k in ("lo", "hi", "min") if all(k in n["channels"][c] for n in norms for c in range(num))]
+    channels = [{key: float(np.median([n["channels"][c][key] for n in norms])) for key in keys}
                 for c in range(num)]
     return {"modality": norms[0]["modality"], "channels": channels}
 
@@ -273,14 +278,16 @@ def preprocess_case(image: Volume, label: Volume, spec: Mapping, table: LabelTab
     source = str(label.path)
     record, prepared_label = _geometry_record(label, spec)
     array = np.asarray(image.array, dtype=np.float32)
-    model, model_affine, _ = _to_model_layout(array if array.ndim == 4 else array[None], image.affine)
+    array = array if array.ndim == 4 else array[None]
+    model, model_affine, _ = _to_model_layout(array, image.affine)
     if record["resampled"]:
         model = resample_to_grid(model, model_affine, resampled_affine(record), record["resampled_shape"],
                                  order=INTERPOLATION_ORDERS[spec["image_interpolation"]], cval=0.0,
                                  antialias=spec["antialias"])
+    # Padding with each channel's minimum makes the padded voxels -1 after normalisation.
     minimum = model.reshape(model.shape[0], -1).min(axis=1)
     model = _crop_pad(model, record["crop_start"], record["shape"], minimum)
-    prepared_image, record["normalisation"] = _normalise(model, spec)
+    prepared_image, record["normalisation"] = _normalise(model, spec, array.min(axis=(1, 2, 3)))
     prepared_label, record["label_mapping"] = _apply_mapping(prepared_label, spec, source, only_if_all_keys=False)
     record["channel_names"] = image.channel_names
     record["original"]["image_path"] = None if image.path is None else str(image.path)
@@ -332,14 +339,16 @@ def invert_image(array: np.ndarray, record: Mapping, intensity: Mapping | None =
     """(C, D, H, W) or (D, H, W) in [-1, 1] -> Volume on the original grid, affine and
     orientation, in original intensities (the record's normalisation, or `intensity` when
     given, e.g. `intensity_summary` of training records for label-map-only records). Voxels
-    outside the prepared region get each channel's lower clip value."""
+    outside the prepared region get each channel's original minimum."""
     array = np.asarray(array, dtype=np.float32)
     array = array[None] if array.ndim == 3 else array
+    if not np.all(np.isfinite(array)):  # NaN below marks "outside"; a NaN from a model must not hide there
+        raise DataError("the image to invert contains NaN or Inf values")
     normalisation = intensity if intensity is not None else record.get("normalisation")
     if normalisation is None:
         raise DataError("this record has no intensity normalisation (label-map-only); pass `intensity`")
-    model_fill = -1.0  # maps to the lower clip value of every channel
-    out, affine = _to_original_grid(array, record, INTERPOLATION_ORDERS[interpolation], model_fill)
+    # NaN marks the voxels outside the prepared region; _denormalise fills them per channel.
+    out, affine = _to_original_grid(array, record, INTERPOLATION_ORDERS[interpolation], np.nan)
     out = _denormalise(out, normalisation)
     names = record.get("channel_names")
     return Volume(array=out[0] if out.shape[0] == 1 else out, affine=affine, path=None,
