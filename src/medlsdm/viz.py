@@ -88,8 +88,10 @@ def label_picture(label: np.ndarray, centre: Sequence[int] | None = None) -> np.
 
 
 def montage(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str] | None = None,
-            row_titles: Sequence[str] | None = None, scale: float = 2.0) -> np.ndarray:
-    """Pictures in a grid (rows of panels) with column titles, as one RGB uint8 image."""
+            row_titles: Sequence[str] | None = None, scale: float = 2.0,
+            panel_titles: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+    """Pictures in a grid (rows of panels) as one RGB uint8 image: column `titles` over the first
+    row, `row_titles` (e.g. case IDs) at the left, or a title over every panel (`panel_titles`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +108,9 @@ def montage(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str] | None =
             ax.axis("off")
             if j < len(rows[i]):
                 ax.imshow(rows[i][j], interpolation="nearest")
-            if i == 0 and titles is not None and j < len(titles):
+            if panel_titles is not None and j < len(panel_titles[i]):
+                ax.set_title(panel_titles[i][j], fontsize=8)
+            elif i == 0 and titles is not None and j < len(titles):
                 ax.set_title(titles[j], fontsize=9)
             if j == 0 and row_titles is not None and i < len(row_titles):
                 ax.text(-0.02, 0.5, row_titles[i], transform=ax.transAxes, ha="right", va="center", fontsize=8)
@@ -115,6 +119,17 @@ def montage(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str] | None =
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return image
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:

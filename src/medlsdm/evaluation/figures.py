@@ -43,37 +43,9 @@ def save_panel_rows(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]
                     panel_titles: Sequence[Sequence[str]] | None = None) -> Path:
     """Rows of RGB panels into one PNG at ``path``: column ``titles`` over the first row, short
     ``row_titles`` (case IDs) at the left, or a title over every panel (``panel_titles``)."""
-    import matplotlib
+    from medlsdm.viz import montage, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from medlsdm.files import atomic_output
-
-    n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    h, w = rows[0][0].shape[:2]
-    scale = 3.2 / max(w, 1)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * w * scale, n_rows * h * scale + 0.5),
-                             squeeze=False)
-    for i in range(n_rows):
-        for j in range(n_cols):
-            ax = axes[i][j]
-            ax.axis("off")
-            if j < len(rows[i]):
-                ax.imshow(rows[i][j], interpolation="nearest")
-            if panel_titles is not None and j < len(panel_titles[i]):
-                ax.set_title(panel_titles[i][j], fontsize=8)
-            elif i == 0 and j < len(titles):
-                ax.set_title(titles[j], fontsize=9)
-        if row_titles is not None and i < len(row_titles):
-            axes[i][0].text(-0.03, 0.5, row_titles[i], transform=axes[i][0].transAxes, rotation=90,
-                            ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(path, montage(rows, titles=titles, row_titles=row_titles, panel_titles=panel_titles))
 
 
 def similarity_histogram(path: str | os.PathLike, real_values: Sequence[float | None],
@@ -85,7 +57,7 @@ def similarity_histogram(path: str | os.PathLike, real_values: Sequence[float | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medlsdm.files import atomic_output
+    from medlsdm.viz import save_figure
 
     real = np.array([v for v in real_values if v is not None and np.isfinite(v)], dtype=float)
     syn = np.array([v for v in synthetic_values if v is not None and np.isfinite(v)], dtype=float)
@@ -99,8 +71,4 @@ def similarity_histogram(path: str | os.PathLike, real_values: Sequence[float | 
     ax.set_ylabel("volumes")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
