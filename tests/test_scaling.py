@@ -20,7 +20,9 @@ def test_std_mode_gives_zero_mean_unit_std_per_channel():
     x = scaler.scale(z)
     torch.testing.assert_close(x.mean(dim=(0, 2, 3, 4)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(x.std(dim=(0, 2, 3, 4), unbiased=False), torch.ones(3), atol=1e-5, rtol=0)
-    assert scaler.x0_clip is None
+    # the sampler's x0 bound is the largest |scaled value| of the fitting data
+    assert scaler.x0_clip == pytest.approx(float(x.abs().max()), rel=1e-5)
+    assert LatentScaler.from_dict(scaler.state_dict()).x0_clip == pytest.approx(scaler.x0_clip)
 
 
 @pytest.mark.parametrize("mode", ["std", "minmax"])

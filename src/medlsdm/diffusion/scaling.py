@@ -42,6 +42,7 @@ class LatentScaler:
         self.std: list[float] | None = None
         self.min: float | None = None
         self.max: float | None = None
+        self.bound: float | None = None   # std mode: largest |scaled value| seen in fitting
 
     @property
     def fitted(self) -> bool:
@@ -50,8 +51,13 @@ class LatentScaler:
     @property
     def x0_clip(self) -> float | None:
         """The bound for the samplers' ``clip_x0`` that fits this scaling: 1.0 for minmax
-        (scaled data lie in [-1, 1]), None for std (unit-variance data are not bounded)."""
-        return 1.0 if self.mode == "minmax" else None
+        (scaled data lie in [-1, 1]); for std the largest |scaled value| of the fitting data.
+
+        Clipping x0 matters for epsilon-prediction with the cosine schedule: at the first steps
+        sqrt(alpha_bar) is ~1e-2 or smaller, so a small error in eps becomes a huge x0 estimate
+        and unclipped few-step samplers diverge (seen on the demo model: sample std ~1e3).
+        """
+        return 1.0 if self.mode == "minmax" else self.bound
 
     # -- fitting -----------------------------------------------------------------------------
     def fit(self, latents: torch.Tensor | Iterable[torch.Tensor]) -> "LatentScaler":
@@ -59,6 +65,7 @@ class LatentScaler:
         (B, C, D, H, W) or (C, D, H, W)); accumulated in float64, one pass."""
         items = [latents] if isinstance(latents, torch.Tensor) else latents
         count, total, total_sq, lo, hi = 0, None, None, float("inf"), float("-inf")
+        ch_lo, ch_hi = None, None
         for z in items:
             z = torch.as_tensor(z).detach().to("cpu", torch.float64)
             axis = _channel_axis(z)
@@ -69,13 +76,17 @@ class LatentScaler:
             total_sq = flat.square().sum(1) if total_sq is None else total_sq + flat.square().sum(1)
             count += flat.shape[1]
             lo, hi = min(lo, float(flat.min())), max(hi, float(flat.max()))
+            ch_lo = flat.min(1).values if ch_lo is None else torch.minimum(ch_lo, flat.min(1).values)
+            ch_hi = flat.max(1).values if ch_hi is None else torch.maximum(ch_hi, flat.max(1).values)
         if count == 0:
             raise ValueError("no latents to fit the scaler on")
         if self.mode == "std":
             mean = total / count
             var = (total_sq / count - mean.square()).clamp_min(0.0)
             self.mean = mean.tolist()
-            self.std = var.sqrt().clamp_min(_MIN_STD).tolist()
+            std = var.sqrt().clamp_min(_MIN_STD)
+            self.std = std.tolist()
+            self.bound = float(torch.maximum((ch_lo - mean).abs(), (ch_hi - mean).abs()).div(std).max())
         else:
             self.fit_range(lo, hi)
         return self
@@ -123,7 +134,7 @@ class LatentScaler:
         if not self.fitted:
             raise RuntimeError("LatentScaler.state_dict() before fit()")
         if self.mode == "std":
-            return {"mode": "std", "mean": list(self.mean), "std": list(self.std)}
+            return {"mode": "std", "mean": list(self.mean), "std": list(self.std), "bound": self.bound}
         return {"mode": "minmax", "min": self.min, "max": self.max}
 
     @classmethod
@@ -133,6 +144,7 @@ class LatentScaler:
             if scaler.mode == "std":
                 scaler.mean = [float(v) for v in state["mean"]]
                 scaler.std = [max(float(v), _MIN_STD) for v in state["std"]]
+                scaler.bound = float(state["bound"]) if state.get("bound") is not None else None
                 if len(scaler.mean) != len(scaler.std):
                     raise ValueError("mean and std differ in length")
             else:
