@@ -91,6 +91,19 @@ def test_generic_dicom_folder_counts_as_one_image(tmp_path):
     assert found.cases[0].image_paths == [tmp_path / "images" / "ct1"]
 
 
+def test_detached_headers_pair_and_their_data_files_are_not_reported(tmp_path):
+    import SimpleITK as sitk
+
+    (tmp_path / "images").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.float32)), str(tmp_path / "images" / "m1.mhd"))
+    assert (tmp_path / "images" / "m1.raw").is_file()  # the header's pixel data beside it
+    write_all(tmp_path, ["labels/m1.nii.gz"])
+    (tmp_path / "images" / "stray.raw").write_bytes(b"\0")
+    found = discover(tmp_path)
+    assert [(c.case_id, c.image_paths[0].name) for c in found.cases] == [("m1", "m1.mhd")]
+    assert found.unmatched == ["images/stray.raw (not a volume file or DICOM folder)"]
+
+
 def test_nnunet(tmp_path):
     write_all(tmp_path, ["imagesTr/la_001_0001.nii.gz", "imagesTr/la_001_0000.nii.gz", "labelsTr/la_001.nii.gz",
                          "imagesTr/la_002_0000.nii.gz", "imagesTr/la_002_0001.nii.gz", "labelsTr/la_002.nii.gz",
@@ -144,6 +157,10 @@ def test_autopet_groups_studies_by_patient(tmp_path):
     assert [p.name for p in found.cases[0].image_paths] == ["CTres.nii.gz", "SUV.nii.gz"]
     assert found.cases[0].label_path.name == "SEG.nii.gz" and found.channel_names == ["ct", "pet"]
     assert any("PETCT_bb" in u and "label map" in u for u in found.unmatched)
+    ct_only = discover(tmp_path, "autopet", channels=["ct"])
+    assert [p.name for p in ct_only.cases[0].image_paths] == ["CTres.nii.gz"] and ct_only.channel_names == ["ct"]
+    with pytest.raises(ConfigError, match="channels must be some of ct, pet"):
+        discover(tmp_path, "autopet", channels=["mr"])
 
 
 def test_synthrad2023_labels_dir_and_modality(tmp_path):
@@ -172,16 +189,26 @@ def test_duke(tmp_path):
                          "segmentations/Segmentation_Breast_MRI_001_Dense_and_Vessels.nii.gz",
                          "segmentations/Breast_MRI_001_Breast.nii.gz",
                          "segmentations/Segmentation_Breast_MRI_003_Dense_and_Vessels.nii.gz"])
+    # NRRD files (discovery does not read them), segmentations in per-patient sub-folders as released
+    for name in ("images/breast_mri_004_pre.nrrd",
+                 "segmentations/Breast_MRI_004/Segmentation_Breast_MRI_004_Breast.seg.nrrd",
+                 "segmentations/Breast_MRI_004/Segmentation_Breast_MRI_004_Dense_and_Vessels.seg.nrrd"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"NRRD0004")
     (tmp_path / "images" / "notes.txt").write_text("not a volume", encoding="utf-8")
     found = discover(tmp_path)
     assert found.layout == "duke"
     assert [(c.case_id, c.image_paths[0].name, c.label_path.name) for c in found.cases] == [
         ("Breast_MRI_001", "Breast_MRI_001_pre.nii.gz", "Segmentation_Breast_MRI_001_Dense_and_Vessels.nii.gz"),
-        ("Breast_MRI_002", "Breast_MRI_002.nii.gz", "Segmentation_Breast_MRI_002_Dense_and_Vessels.nii.gz")]
+        ("Breast_MRI_002", "Breast_MRI_002.nii.gz", "Segmentation_Breast_MRI_002_Dense_and_Vessels.nii.gz"),
+        ("Breast_MRI_004", "breast_mri_004_pre.nrrd", "Segmentation_Breast_MRI_004_Dense_and_Vessels.seg.nrrd")]
     joined = "\n".join(found.unmatched)
-    for name in ("Breast_MRI_001_post_1", "notes.txt", "Breast_MRI_001_Breast", "Breast_MRI_003"):
+    for name in ("Breast_MRI_001_post_1", "notes.txt", "Breast_MRI_001_Breast", "Breast_MRI_003",
+                 "Segmentation_Breast_MRI_004_Breast.seg.nrrd"):
         assert name in joined
-    assert found.label_table.names == {0: "background", 1: "fibroglandular tissue", 2: "vessels"}
+    assert len(found.unmatched) == 5
+    # the dataset authors' values: 1 vessels, 2 dense tissue (the preset remaps them)
+    assert found.label_table.names == {0: "background", 1: "vessels", 2: "fibroglandular tissue"}
 
 
 def test_errors(tmp_path):

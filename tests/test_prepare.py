@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import yaml
 
 from medlsdm.cli import main
@@ -40,7 +41,7 @@ def make_generic(root: Path, n: int = 6, n_test: int = 1, values=(1, 2), table=T
     return root
 
 
-def test_prepare_generic_end_to_end(tmp_path, capsys):
+def test_prepare_generic_end_to_end(tmp_path, caplog):
     data = make_generic(tmp_path / "data")
     out = tmp_path / "prepared"
     assert main(["prepare", str(data), "--out", str(out), "--set", "shape=[8,8,8]", "--seed", "5", "--no-progress"]) == 0
@@ -62,6 +63,7 @@ def test_prepare_generic_end_to_end(tmp_path, capsys):
     summary = manifest["intensity"]["channels"][0]
     assert 50.0 < summary["lo"] < summary["hi"] < 250.0
     assert "orphan.nii.gz" in (out / "unmatched.txt").read_text(encoding="utf-8")
+    assert "images/orphan.nii.gz (no label map)" in caplog.text  # reported, not only stored
     assert yaml.safe_load((out / "prepare.yaml").read_text(encoding="utf-8"))["prepare"]["split"]["seed"] == 5
     assert len(PreparedDataset(out, "train")) == sum(v == "train" for v in splits.values())
     # The same seed again gives the same splits (files rewritten atomically in place).
@@ -158,8 +160,8 @@ def test_brats_brain_label_four_channels(tmp_path):
                   brain * (100.0 * (k + 1) + rng.normal(0, 5, SHAPE).astype(np.float32)))
         _save(tmp_path / "brats" / case / f"{case}_seg.nii.gz", seg)
     out = tmp_path / "prepared"
-    assert main(["prepare", str(tmp_path / "brats"), "--out", str(out), "--config", "brats",
-                 "--set", "shape=[8,8,8]", "--no-progress"]) == 0
+    assert main(["prepare", str(tmp_path / "brats"), "--out", str(out), "--preset", "brats",
+                 "--set", "shape=[8,8,8]", "--set", "spacing=null", "--no-progress"]) == 0
     manifest = load_manifest(out)
     assert manifest["channels"] == ["t1", "t1ce", "t2", "flair"]
     assert manifest["label_table"] == {"0": "background", "1": "necrotic tumour core", "2": "peritumoral edema",
@@ -203,3 +205,103 @@ def test_inspect_file_and_prepared_case(tmp_path, capsys):
     assert "shape: (1, 8, 8, 8)" in out and "orientation: SAR" in out and "liver" in out
     assert (tmp_path / "case.png").is_file()
     assert main(["inspect", str(prepared), "--case", "nope"]) == 2
+
+
+def test_autopet_studies_of_one_patient_share_a_split(tmp_path):
+    rng = np.random.default_rng(2)
+    for p in range(5):
+        for s in range(1 + p % 2):  # patients 1 and 3 have two studies
+            image, label = _pair(rng, values=(1,))
+            study = tmp_path / "autopet" / f"PETCT_{p:03d}" / f"0{s}-2020-NA-PET"
+            _save(study / "CTres.nii.gz", image - 1000.0)
+            _save(study / "SUV.nii.gz", image / 100.0)
+            _save(study / "SEG.nii.gz", label)
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(tmp_path / "autopet"), "--out", str(out), "--preset", "autopet",
+                 "--set", "spacing=null", "--set", "shape=[8,8,8]", "--seed", "1", "--no-progress",
+                 "--set", "layout_options.channels=[ct, pet]", "--modality", "mr"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["channels"] == ["ct", "pet"] and manifest["label_table"] == {"0": "background", "1": "lesion"}
+    assert len(manifest["cases"]) == 7 and np.load(out / manifest["cases"][0]["image"]).shape == (2, 8, 8, 8)
+    by_split = {s: {c["subject_id"] for c in manifest["cases"] if c["split"] == s} for s in ("train", "val", "test")}
+    assert by_split["train"] and by_split["val"] and by_split["test"]
+    assert not (by_split["train"] & by_split["val"] or by_split["train"] & by_split["test"]
+                or by_split["val"] & by_split["test"])
+    assert manifest["split"]["subjects"] == {s: len(v) for s, v in by_split.items()}
+    # the preset itself: CT only, in a CT window
+    assert main(["prepare", str(tmp_path / "autopet"), "--out", str(out), "--preset", "autopet",
+                 "--set", "spacing=null", "--set", "shape=[8,8,8]", "--no-progress"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["channels"] == ["ct"] and manifest["modality"] == "ct"
+    assert np.load(out / manifest["cases"][0]["image"]).shape == (1, 8, 8, 8)
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out", "--layout", "--preset", "--config", "--set", "--seed", "--labels-dir", "--modality",
+                   "--skip-bad", "synthrad2023", "duke"):
+        assert option in text
+    with pytest.raises(SystemExit):  # a preset and a config file are alternatives
+        main(["prepare", "in", "--out", "out", "--preset", "brats", "--config", "x.yaml"])
+
+
+def test_split_counts_from_the_command_line(tmp_path):
+    data = make_generic(tmp_path / "data", n=6, n_test=0)
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(data), "--out", str(out), "--set", "shape=[8,8,8]", "--no-progress",
+                 "--set", "split.counts=[null, 1, 2]"]) == 0
+    assert load_manifest(out)["split"]["cases"] == {"train": 3, "val": 1, "test": 2}
+
+
+def test_inspect_prepared_case_by_path_and_array(tmp_path, capsys):
+    data = make_generic(tmp_path / "data", n=3, n_test=0)
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", str(data), "--out", str(prepared), "--set", "shape=[8,8,8]", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(prepared)]) == 0
+    assert "cases: 3" in capsys.readouterr().out
+    for target in (prepared / "case1", prepared / "images" / "case1.npy", prepared / "labels" / "case1.npy"):
+        assert main(["inspect", str(target)]) == 0
+        out = capsys.readouterr().out
+        assert "prepared case: case1" in out and "shape: (1, 8, 8, 8)" in out and "tumour" in out
+    label = np.load(prepared / "labels" / "case1.npy")
+    assert f"2: {(label == 2).sum()} " in out
+    # an array outside a prepared dataset: values, no geometry
+    np.save(tmp_path / "loose.npy", label)
+    assert main(["inspect", str(tmp_path / "loose.npy"), "--png", str(tmp_path / "loose.png")]) == 0
+    out = capsys.readouterr().out
+    assert "no geometry" in out and "label values" in out and (tmp_path / "loose.png").is_file()
+
+
+def test_inspect_finds_the_label_table_and_reports_lps(tmp_path, capsys):
+    data = make_generic(tmp_path / "data", n=1, n_test=0)  # data/labels.json names 1 liver, 2 tumour
+    assert main(["inspect", str(data / "labels" / "case0.nii.gz")]) == 0
+    out = capsys.readouterr().out
+    assert f"label table: {data / 'labels.json'}" in out and "liver" in out and "tumour" in out
+    image, _ = _pair(np.random.default_rng(0))
+    _save(tmp_path / "lps.nii.gz", image, np.diag([-1.0, -1.0, 2.0, 1.0]))
+    assert main(["inspect", str(tmp_path / "lps.nii.gz")]) == 0
+    out = capsys.readouterr().out
+    assert "orientation: LPS" in out and "spacing (mm): (1.0, 1.0, 2.0)" in out
+    assert f"{image.min():.4g} / " in out  # the minimum opens the intensity line
+
+
+def test_duke_preset_remaps_to_background_tissue_vessels(tmp_path):
+    rng = np.random.default_rng(3)
+    for patient in ("Breast_MRI_001", "Breast_MRI_002", "Breast_MRI_003"):
+        seg = np.zeros(SHAPE, dtype=np.uint8)
+        seg[2:10, 2:10, 2:6] = 2  # dense tissue (authors' value 2)
+        seg[2:10, 2:10, 6:8] = 1  # vessels (authors' value 1)
+        _save(tmp_path / "duke" / "images" / f"{patient}_pre.nii.gz",
+              (rng.normal(100, 5, SHAPE) + 50 * seg).astype(np.float32))
+        _save(tmp_path / "duke" / "segmentations" / f"Segmentation_{patient}_Dense_and_Vessels.nii.gz", seg)
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(tmp_path / "duke"), "--out", str(out), "--preset", "duke",
+                 "--set", "shape=[12,12,12]", "--no-progress"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["label_table"] == {"0": "background", "1": "fibroglandular tissue", "2": "vessels"}
+    label = np.load(out / manifest["cases"][0]["label"])
+    assert [int((label == v).sum()) for v in range(3)] == [12 ** 3 - 8 * 8 * 6, 8 * 8 * 4, 8 * 8 * 2]

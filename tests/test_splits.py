@@ -59,3 +59,27 @@ def test_cases_of_one_subject_share_a_split():
     assert splits["p0"] == "test" and len(splits) == 12
     with pytest.raises(DataError, match="two explicit splits"):
         _splits(cases + [_case("p0_other", "p0", "train")], cfg)
+
+
+def test_counts_instead_of_fractions():
+    out = assign_splits(SUBJECTS, seed=2, counts=[None, 4, 3])
+    assert [list(out.values()).count(s) for s in ("train", "val", "test")] == [13, 4, 3]
+    assert out == assign_splits(list(reversed(SUBJECTS)), seed=2, counts=[13, 4, 3])
+    # counts apply to the subjects without an explicit split
+    fixed = assign_splits(SUBJECTS, seed=2, counts=[15, 3, 0], fixed={"sub00": "test", "sub01": "test"})
+    assert [list(fixed.values()).count(s) for s in ("train", "val", "test")] == [15, 3, 2]
+    with pytest.raises(ConfigError, match="add up to 7 but 20 subjects"):
+        assign_splits(SUBJECTS, counts=[4, 2, 1])
+    with pytest.raises(ConfigError, match="ask for 30 subjects"):
+        assign_splits(SUBJECTS, counts=[None, 20, 10])
+    with pytest.raises(ConfigError, match="split.counts must be"):
+        assign_splits(SUBJECTS, counts=[None, None, 3])
+    with pytest.raises(ConfigError, match="split.counts must be"):
+        assign_splits(SUBJECTS, counts=[10.5, 5, 4.5])
+
+
+def test_every_subject_gets_one_split_for_any_seed():
+    cases = [_case(f"p{i}_s{j}", f"p{i}") for i in range(9) for j in range(1 + i % 3)]
+    for seed in range(20):
+        splits = _splits(cases, {"split": {"fractions": [0.6, 0.2, 0.2], "counts": None, "seed": seed}})
+        assert set(splits) == {f"p{i}" for i in range(9)} and set(splits.values()) == {"train", "val", "test"}

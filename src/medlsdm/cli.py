@@ -21,9 +21,11 @@ COMMAND_MODULES: list[str] = [
     "medlsdm.commands.demo_data",
     "medlsdm.commands.prepare",
     "medlsdm.commands.inspect",
+    "medlsdm.commands.labels",
     "medlsdm.commands.train",
     "medlsdm.commands.sample",
     "medlsdm.commands.evaluate",
+    "medlsdm.commands.export",
     "medlsdm.commands.demo",
 ]
 

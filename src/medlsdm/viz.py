@@ -59,13 +59,19 @@ def _pad_to(plane: np.ndarray, height: int) -> np.ndarray:
 def three_plane(array: np.ndarray, label: np.ndarray | None = None, window: tuple[float, float] | None = None,
                 alpha: float = 0.45, centre: Sequence[int] | None = None) -> np.ndarray:
     """RGB uint8 picture of axial | coronal | sagittal planes through the centre (or the label
-    centroid). `array` is (D, H, W) or (C, D, H, W) (first channel shown); with `label`, the label
-    map is overlaid in colour. With `array` None-like label-only pictures use `label_picture`."""
+    centroid). `array` is (D, H, W) or (C, D, H, W) (first channel shown); with `label` (D, H, W),
+    the label map is overlaid in colour (fixed palette, so a class has the same colour in every
+    figure). Output height is max(H, D), width W + W + H. For label-only pictures: `label_picture`."""
     array = np.asarray(array)
     if array.ndim == 4:
         array = array[0]
     if array.ndim != 3:
-        raise ValueError(f"three_plane expects a 3D volume, got shape {array.shape}")
+        raise ValueError(f"three_plane expects a (D, H, W) or (C, D, H, W) volume, got shape {array.shape}")
+    if label is not None:
+        label = np.asarray(label)
+        label = label[0] if label.ndim == 4 and label.shape[0] == 1 else label
+        if label.shape != array.shape:
+            raise ValueError(f"three_plane: label map {label.shape} and image {array.shape} differ in shape")
     centre = tuple(centre) if centre is not None else _centre(array.shape, label)
     grey = _window(array, *(window or (None, None)))
     planes = [np.repeat(p[..., None], 3, axis=-1).astype(np.float32) for p in _planes(grey, centre)]
@@ -81,6 +87,9 @@ def three_plane(array: np.ndarray, label: np.ndarray | None = None, window: tupl
 def label_picture(label: np.ndarray, centre: Sequence[int] | None = None) -> np.ndarray:
     """RGB uint8 picture of a label map alone (colours on black)."""
     label = np.asarray(label)
+    label = label[0] if label.ndim == 4 and label.shape[0] == 1 else label
+    if label.ndim != 3:
+        raise ValueError(f"label_picture expects a (D, H, W) label map, got shape {label.shape}")
     centre = tuple(centre) if centre is not None else _centre(label.shape, label)
     planes = [colour_labels(p) for p in _planes(label, centre)]
     height = max(p.shape[0] for p in planes)

@@ -6,23 +6,34 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# Files naming label values, looked for beside a label map and one folder up (generic layout:
+# DATA/labels.json beside DATA/labels/; nnU-Net: dataset.json beside labelsTr/).
+TABLE_FILES = ("labels.json", "dataset.json")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "inspect",
         help="print a volume's geometry and values; write a three-plane PNG",
         description=(
-            "Print shape, spacing, orientation (RAS axis codes), affine, dtype and the intensity range "
-            "(or, for an integer volume, each label value with its voxel count) of FILE (NIfTI, NRRD, "
-            "MHA or a DICOM-series folder), or of case ID of a prepared dataset with --case."
+            "Print shape, spacing, orientation (axis codes such as RAS or LPS), affine, dtype and the "
+            "intensity range (min, percentiles, max), or for a label map each value with its voxel count "
+            "and name, of FILE: a NIfTI/NRRD/MHA file or DICOM-series folder, a prepared dataset "
+            "(PREPARED: summary; PREPARED/ID or --case ID: one case) or a prepared .npy array "
+            "(PREPARED/images/ID.npy, PREPARED/labels/ID.npy). Label names come from --table, else "
+            "labels.json/dataset.json beside the label map (or one folder up), else the manifest."
         ),
     )
-    parser.add_argument("file", metavar="FILE", help="volume file, DICOM folder or prepared dataset folder")
+    parser.add_argument("file", metavar="FILE", help="volume file, DICOM folder, prepared dataset, PREPARED/ID or .npy")
     parser.add_argument("--labels", metavar="LABELFILE", help="label map on the same grid, overlaid on the PNG")
-    parser.add_argument("--table", metavar="JSON", help="label table {\"0\": \"background\", ...} naming the values")
+    parser.add_argument("--table", metavar="JSON",
+                        help="label table {\"0\": \"background\", ...} or dataset.json naming the values")
     parser.add_argument("--case", metavar="ID", help="case ID, when FILE is a prepared dataset")
     parser.add_argument("--png", metavar="OUT.png", help="write axial | coronal | sagittal planes here")
     parser.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------- describing
 
 
 def _is_label_like(array) -> bool:
@@ -31,10 +42,12 @@ def _is_label_like(array) -> bool:
 
     if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
         return True
-    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
+    if not np.issubdtype(array.dtype, np.floating):
         return False
-    sample = array.ravel()[:: max(1, array.size // 200_000)]
-    return bool(np.all(sample == np.round(sample))) and np.unique(sample).size <= 64 and np.all(array == np.round(array))
+    sample = np.asarray(array.ravel()[:: max(1, array.size // 200_000)])
+    if not (np.all(np.isfinite(sample)) and np.all(sample == np.round(sample)) and np.unique(sample).size <= 64):
+        return False  # cheap test on a sample first: most images fail it here
+    return bool(np.all(np.isfinite(array)) and np.all(array == np.round(array)))
 
 
 def describe_values(array, names: dict[int, str] | None = None, channel_names=None) -> list[str]:
@@ -87,19 +100,46 @@ def _model_layout(volume):
     return np.swapaxes(canonical, -1, -3)
 
 
-def _read_table(path: str | None) -> dict[int, str] | None:
-    if path is None:
-        return None
+# ------------------------------------------------------------------------------ label tables
+
+
+def _read_table(path: str | Path) -> dict[int, str]:
     from medlsdm.data.labels import LabelTable
     from medlsdm.errors import DataError
     from medlsdm.files import read_json
 
     data = read_json(path)
     try:
-        table = LabelTable.from_nnunet(data["labels"]) if isinstance(data.get("labels"), dict) else LabelTable.from_mapping(data)
+        nnunet = isinstance(data.get("labels"), dict)  # dataset.json: {"labels": {name: value}}
+        table = LabelTable.from_nnunet(data["labels"]) if nnunet else LabelTable.from_mapping(data)
     except (DataError, AttributeError) as exc:
         raise DataError(f"{path}: not a label table ({exc})") from None
     return table.names
+
+
+def _find_table(label_path: Path) -> Path | None:
+    """labels.json, or a dataset.json with a ``labels`` entry, beside the label map or one folder up."""
+    from medlsdm.files import read_json
+
+    for folder in (label_path.parent, label_path.parent.parent):
+        for name in TABLE_FILES:
+            candidate = folder / name
+            if not candidate.is_file():
+                continue
+            data = read_json(candidate)
+            if name == "labels.json" or (isinstance(data, dict) and isinstance(data.get("labels"), dict)):
+                return candidate
+    return None
+
+
+def _table_lines(args, label_path: Path) -> tuple[dict[int, str] | None, list[str]]:
+    path = Path(args.table) if args.table else _find_table(label_path)
+    if path is None:
+        return None, []
+    return _read_table(path), [f"label table: {path}"]
+
+
+# --------------------------------------------------------------------------------- targets
 
 
 def _inspect_file(args) -> tuple[list[str], object, object]:
@@ -108,42 +148,86 @@ def _inspect_file(args) -> tuple[list[str], object, object]:
     from medlsdm.data.io import check_same_grid, read_volume
 
     volume = read_volume(args.file)
-    names = _read_table(args.table)
     lines = [f"file: {args.file}", *describe_geometry(volume.array.shape, volume.affine, volume.array.dtype)]
     if volume.array.ndim == 4:
         lines.append(f"channels: {volume.array.shape[0]}")
-    lines += describe_values(volume.array, names)
     image, label = _model_layout(volume), None
     if args.labels:
+        names, table_lines = _table_lines(args, Path(args.labels))
         label_volume = read_volume(args.labels)
         check_same_grid(volume, label_volume, what="image and --labels")
-        lines += [f"labels: {args.labels}", *describe_values(np.round(label_volume.array).astype(np.int64), names)]
+        lines += describe_values(volume.array)
+        lines += [f"labels: {args.labels}", *table_lines,
+                  *describe_values(np.round(label_volume.array).astype(np.int64), names)]
         label = _model_layout(label_volume)
     elif _is_label_like(volume.array) and volume.array.ndim == 3:
+        names, table_lines = _table_lines(args, Path(args.file))
+        lines += [*table_lines, *describe_values(volume.array, names)]
         image, label = None, image
+    else:
+        lines += describe_values(volume.array)
     return lines, image, label
 
 
-def _inspect_prepared(args) -> tuple[list[str], object, object]:
-    import numpy as np
-
+def _prepared_case(root: Path, case_id: str) -> tuple[dict, dict]:
     from medlsdm.data.dataset import load_manifest
     from medlsdm.errors import MedlsdmError
 
-    root = Path(args.file)
     manifest = load_manifest(root)
     by_id = {c["case_id"]: c for c in manifest["cases"]}
-    if args.case not in by_id:
+    if case_id not in by_id:
         shown = ", ".join(list(by_id)[:10]) + (" ..." if len(by_id) > 10 else "")
-        raise MedlsdmError(f"{root}: no case '{args.case}' in the prepared dataset (cases: {shown})")
-    case = by_id[args.case]
-    image, label = np.load(root / case["image"]), np.load(root / case["label"])
-    names = {int(k): v for k, v in manifest["label_table"].items()}
-    lines = [f"prepared case: {args.case} (subject {case['subject_id']}, split {case['split']}) in {root}",
-             *describe_geometry(image.shape, case["record"]["affine"], image.dtype),
+        raise MedlsdmError(f"{root}: no case '{case_id}' in the prepared dataset (cases: {shown})")
+    return manifest, by_id[case_id]
+
+
+def _inspect_prepared(root: Path, case_id: str, table: str | None) -> tuple[list[str], object, object]:
+    import numpy as np
+
+    from medlsdm.data.preprocess import prepared_affine
+
+    manifest, case = _prepared_case(root, case_id)
+    image, label = np.load(root / case["image"], mmap_mode="r"), np.load(root / case["label"], mmap_mode="r")
+    names = _read_table(table) if table else {int(k): v for k, v in manifest["label_table"].items()}
+    lines = [f"prepared case: {case_id} (subject {case['subject_id']}, split {case['split']}) in {root}",
+             f"image: {root / case['image']}", f"label map: {root / case['label']}",
+             *describe_geometry(image.shape, prepared_affine(case["record"]), image.dtype),
              "axes: (C, D, H, W) = channels, inferior->superior, posterior->anterior, left->right",
              *describe_values(image, channel_names=manifest["channels"]), *describe_values(label, names)]
     return lines, image, label
+
+
+def _inspect_array(path: Path) -> tuple[list[str], object, object]:
+    """A .npy outside a prepared dataset: values only (an array file holds no geometry)."""
+    import numpy as np
+
+    from medlsdm.errors import DataError
+
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as a .npy array ({exc})") from None
+    lines = [f"array: {path} (no manifest.json two folders up, so no geometry; axes taken as (C,) D, H, W)",
+             f"shape: {array.shape}", f"dtype: {array.dtype}", *describe_values(array)]
+    if array.ndim not in (3, 4):
+        return lines, None, None
+    if _is_label_like(array) and array.ndim == 3:
+        return lines, None, array
+    return lines, array, None
+
+
+def _case_of_array(path: Path) -> tuple[Path, str] | None:
+    """(prepared root, case ID) for PREPARED/images/ID.npy or PREPARED/labels/ID.npy."""
+    from medlsdm.data.dataset import load_manifest
+
+    root = path.parent.parent
+    if not (root / "manifest.json").is_file():
+        return None
+    relative = path.resolve().relative_to(root.resolve()).as_posix()
+    for case in load_manifest(root)["cases"]:
+        if relative in (case["image"], case["label"]):
+            return root, case["case_id"]
+    return None
 
 
 def _summary(root: Path) -> list[str]:
@@ -154,7 +238,9 @@ def _summary(root: Path) -> list[str]:
     return [f"prepared dataset: {root}", f"modality: {manifest['modality']}, channels: {manifest['channels']}",
             f"label table: {manifest['label_table']}",
             f"cases: {len(manifest['cases'])} (train {counts['train']}, val {counts['val']}, test {counts['test']})",
-            "give --case ID to inspect one; IDs: " + ", ".join(c["case_id"] for c in manifest["cases"][:20])]
+            "give PREPARED/ID or --case ID to inspect one; IDs: "
+            + ", ".join(c["case_id"] for c in manifest["cases"][:20])
+            + (" ..." if len(manifest["cases"]) > 20 else "")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,12 +253,23 @@ def run(args: argparse.Namespace) -> int:
     if prepared and not args.case:
         print("\n".join(_summary(path)))
         return 0
-    lines, image, label = _inspect_prepared(args) if prepared else _inspect_file(args)
+    if prepared:
+        lines, image, label = _inspect_prepared(path, args.case, args.table)
+    elif not path.exists() and (path.parent / "manifest.json").is_file():  # PREPARED/ID
+        lines, image, label = _inspect_prepared(path.parent, path.name, args.table)
+    elif path.is_file() and path.name.endswith(".npy"):
+        found = _case_of_array(path)
+        lines, image, label = _inspect_prepared(*found, args.table) if found else _inspect_array(path)
+    else:
+        lines, image, label = _inspect_file(args)
     print("\n".join(lines))
+    if args.png and image is None and label is None:
+        raise MedlsdmError(f"{path}: no picture for an array of this shape (need (D, H, W) or (C, D, H, W))")
     if args.png:
         from medlsdm.viz import label_picture, save_png, three_plane
 
         picture = label_picture(label) if image is None else three_plane(image, label)
-        save_png(args.png, picture)
+        zoom = max(1, 256 // picture.shape[0])  # small volumes: enlarge (nearest) so voxels can be seen
+        save_png(args.png, picture.repeat(zoom, axis=0).repeat(zoom, axis=1))
         print(f"picture: {args.png}")
     return 0

@@ -8,14 +8,19 @@ Layouts (``discover(root, layout)``; ``"auto"`` tries them in the order of ``LAY
   ``labelsTr/CASE.ext``, optional ``imagesTs``/``labelsTs`` (test split), ``dataset.json`` with
   ``channel_names``, ``labels`` ``{name: value}`` and ``file_ending``.
 - ``duke``: Duke Breast Cancer MRI converted to NIfTI/NRRD: ``images/`` and ``segmentations/``
-  (or ``labels/``) whose file names contain the patient ID ``Breast_MRI_NNN``. A patient with
-  several image files (pre-contrast and post-contrast phases) uses the one whose name contains
-  ``image_pattern`` (default ``pre``); one with several segmentation files uses the one whose name
-  contains ``label_pattern`` (default ``Dense_and_Vessels``, the fibroglandular tissue + vessel
-  segmentations). Label maps are single 3D integer volumes (0 background, 1 fibroglandular
-  tissue, 2 vessels); convert Slicer ``.seg.nrrd`` multi-layer segmentations to label maps first.
+  (or ``labels/``) whose file names (or per-patient sub-folder names) contain the patient ID
+  ``Breast_MRI_NNN``. A patient with several image files (pre-contrast and post-contrast phases)
+  uses the one whose name contains ``image_pattern`` (default ``pre``); one with several
+  segmentation files (``..._Breast`` and ``..._Dense_and_Vessels``) uses the one whose name
+  contains ``label_pattern`` (default ``Dense_and_Vessels``). Label maps are single 3D integer
+  volumes in the dataset authors' convention: 0 background, 1 vessels, 2 dense (fibroglandular)
+  tissue. The released ``.seg.nrrd`` files name their segments in the header and some store the
+  two segments as layers or with swapped values: convert them to that convention first (as the
+  authors' ``read_precontrast_mri_and_segmentation`` does); the ``duke`` preset then remaps to
+  0 background, 1 fibroglandular tissue, 2 vessels.
 - ``generic``: ``images/`` + ``labels/`` with the same case IDs (file name without its suffix;
-  a DICOM-series folder counts as one image); several channels as nnU-Net-like suffixes
+  a DICOM-series folder counts as one image; ``.mhd``/``.nhdr`` headers pair, their ``.raw``
+  data files are not reported); several channels as nnU-Net-like suffixes
   ``CASE_0000``, ``CASE_0001``; optional ``imagesTs/`` + ``labelsTs/`` as the test split; an
   optional ``labels.json`` (``{"0": "background", ...}``) or ``dataset.json`` (``labels``
   ``{name: value}``, ``channel_names``) gives the label table and channel names.
@@ -23,7 +28,8 @@ Layouts (``discover(root, layout)``; ``"auto"`` tries them in the order of ``LAY
   (BraTS 2018-2021) or ``*-t1n``, ``*-t1c``, ``*-t2w``, ``*-t2f``, ``*-seg`` (BraTS 2023); channels
   in the order t1, t1ce, t2, flair.
 - ``autopet``: ``PATIENT/STUDY/{CTres,SUV,SEG}.nii.gz`` (or the files directly in ``PATIENT/``);
-  channels ct, pet; the subject is the patient folder. Option ``labels_dir``: label maps
+  channels ct, pet (option ``channels``, e.g. ``[ct]`` for CT only); the subject is the patient
+  folder. Option ``labels_dir``: label maps
   ``<case_id>.nii.gz`` (or ``<patient>.nii.gz``) replacing ``SEG`` (e.g. whole-body organ maps).
 - ``synthrad2023``: ``.../PATIENT/{mr,ct,cbct,mask}.nii.gz`` (e.g. ``Task1/brain/1BA001``). The
   image is ``<modality>.nii.gz`` (option ``modality``: ``ct`` by default, ``mr`` or ``cbct``). Label
@@ -37,7 +43,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from medlsdm.data.io import VOLUME_SUFFIXES, volume_stem
 from medlsdm.data.labels import LabelTable
@@ -95,9 +101,23 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+# Pixel-data files that belong to a detached header (case.mhd + case.raw, case.nhdr + case.raw.gz):
+# read through the header, so they are neither cases of their own nor unmatched files.
+DETACHED_DATA_SUFFIXES = (".raw", ".zraw", ".raw.gz", ".img", ".img.gz")
+
+
+def _detached_data(entry: Path, header_stems: set[str]) -> bool:
+    name = entry.name.lower()
+    return any(name.endswith(s) and name[: -len(s)] in header_stems for s in DETACHED_DATA_SUFFIXES)
+
+
 def _volumes_by_stem(folder: Path, root: Path, unmatched: list[str], dicom: bool = True) -> dict[str, Path]:
     out: dict[str, Path] = {}
-    for entry in _entries(folder):
+    entries = _entries(folder)
+    headers = {volume_stem(e).lower() for e in entries if e.name.lower().endswith((".mhd", ".nhdr"))}
+    for entry in entries:
+        if _detached_data(entry, headers):
+            continue
         if _is_volume(entry) or (dicom and _is_dicom_dir(entry)):
             stem = volume_stem(entry)
             if stem in out:
@@ -335,7 +355,11 @@ def detect_autopet(root: Path) -> bool:
     return bool(_case_folders(root, lambda f: _nifti(f, "CTres") is not None, max_depth=3))
 
 
-def discover_autopet(root: Path, labels_dir: str | Path | None = None) -> Discovery:
+def discover_autopet(root: Path, labels_dir: str | Path | None = None,
+                     channels: Sequence[str] = ("ct", "pet")) -> Discovery:
+    channels = list(channels)
+    if not channels or any(c not in ("ct", "pet") for c in channels) or len(set(channels)) < len(channels):
+        raise ConfigError(f"autopet layout: channels must be some of ct, pet (e.g. [ct] or [ct, pet]), got {channels}")
     unmatched: list[str] = []
     external = _labels_dir_files(labels_dir, root, unmatched)
     used: set[str] = set()
@@ -343,7 +367,7 @@ def discover_autopet(root: Path, labels_dir: str | Path | None = None) -> Discov
     for folder in _case_folders(root, lambda f: _nifti(f, "CTres") is not None or _nifti(f, "SUV") is not None):
         patient = folder.name if folder.parent == root else folder.parent.name
         case_id = _safe_id(patient if folder.parent == root else f"{patient}_{folder.name}")
-        images = [_nifti(folder, AUTOPET_FILES[k]) for k in ("ct", "pet")]
+        images = [_nifti(folder, AUTOPET_FILES[k]) for k in channels]
         if external is not None:
             key = case_id if case_id in external else patient
             label = external.get(key)
@@ -351,16 +375,17 @@ def discover_autopet(root: Path, labels_dir: str | Path | None = None) -> Discov
         else:
             label = _nifti(folder, AUTOPET_FILES["seg"])
         if None in images or label is None:
-            what = [n for n, p in zip(("CTres", "SUV", "label map"), images + [label]) if p is None]
+            names = [AUTOPET_FILES[k] for k in channels] + ["label map"]
+            what = [n for n, p in zip(names, images + [label]) if p is None]
             unmatched.extend(f"{_rel(p, root)} (study lacks {', '.join(what)})" for p in images + [label] if p)
             if not any(images + [label]):
                 unmatched.append(f"{_rel(folder, root)} (study lacks {', '.join(what)})")
             continue
-        cases.append(Case(case_id, _safe_id(patient), images, label, ["ct", "pet"]))
+        cases.append(Case(case_id, _safe_id(patient), images, label, list(channels)))
     if external is not None:
         unmatched.extend(f"{p} (no matching autoPET study)" for k, p in sorted(external.items()) if k not in used)
     table = _label_table_from_folder(Path(labels_dir)) if labels_dir else AUTOPET_TABLE
-    return Discovery(cases, unmatched, table, ["ct", "pet"])
+    return Discovery(cases, unmatched, table, list(channels))
 
 
 SYNTHRAD_MODALITIES = ("ct", "mr", "cbct")
@@ -402,7 +427,8 @@ def discover_synthrad2023(root: Path, labels_dir: str | Path | None = None, moda
 
 
 DUKE_ID = re.compile(r"Breast_MRI_\d{3}", re.IGNORECASE)
-DUKE_TABLE = LabelTable({0: "background", 1: "fibroglandular tissue", 2: "vessels"})
+# Values of the Dense_and_Vessels segmentations as the dataset's authors fix them.
+DUKE_TABLE = LabelTable({0: "background", 1: "vessels", 2: "fibroglandular tissue"})
 
 
 def _duke_label_dir(root: Path) -> Path | None:
@@ -416,6 +442,25 @@ def detect_duke(root: Path) -> bool:
     if not (root / "images").is_dir() or _duke_label_dir(root) is None:
         return False
     return any(DUKE_ID.search(p.name) for p in (root / "images").iterdir())
+
+
+def _duke_entries(folder: Path) -> list[tuple[Path, str | None]]:
+    """(entry, patient ID or None) for the files of `folder` and of its per-patient sub-folders
+    (the released segmentations come as ``Breast_MRI_NNN/Segmentation_Breast_MRI_NNN_*.seg.nrrd``)."""
+    out = []
+    for entry in _entries(folder):
+        match = DUKE_ID.search(entry.name)
+        if not entry.is_dir():
+            out.append((entry, match.group(0) if match and _is_volume(entry) else None))
+            continue
+        children = _entries(entry)
+        if not any(_is_volume(c) for c in children):  # e.g. a DICOM series: convert it first
+            out.append((entry, None))
+            continue
+        for child in children:
+            inner = DUKE_ID.search(child.name) or match
+            out.append((child, inner.group(0) if inner and _is_volume(child) else None))
+    return out
 
 
 def _duke_pick(files: list[Path], pattern: str, root: Path, unmatched: list[str], what: str) -> Path | None:
@@ -435,12 +480,11 @@ def discover_duke(root: Path, image_pattern: str = "pre", label_pattern: str = "
     unmatched: list[str] = []
     by_patient: dict[str, dict[str, list[Path]]] = {}
     for kind, folder in (("image", root / "images"), ("label", _duke_label_dir(root))):
-        for entry in _entries(folder):
-            match = DUKE_ID.search(entry.name)
-            if not (_is_volume(entry) and match):
+        for entry, patient in _duke_entries(folder):
+            if patient is None:
                 unmatched.append(f"{_rel(entry, root)} (not a volume named with a Breast_MRI_NNN patient ID)")
                 continue
-            patient = match.group(0)[:1].upper() + match.group(0)[1:]
+            patient = "Breast_MRI_" + patient[-3:]  # one spelling, whatever the file's case
             by_patient.setdefault(patient, {"image": [], "label": []})[kind].append(entry)
     cases = []
     for patient, files in sorted(by_patient.items()):

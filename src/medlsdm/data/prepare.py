@@ -21,7 +21,7 @@ from medlsdm.data.io import Volume, read_image, read_label_map
 from medlsdm.data.labels import LabelTable
 from medlsdm.data.layouts import Case, Discovery, detect_layout, discover
 from medlsdm.data.preprocess import PREPROCESS_DEFAULTS, intensity_summary, preprocess_case, resolve_spec
-from medlsdm.data.splits import assign_splits
+from medlsdm.data.splits import SPLITS, assign_splits
 from medlsdm.errors import ConfigError, DataError
 from medlsdm.files import atomic_directory, write_json
 
@@ -31,12 +31,16 @@ MANIFEST_VERSION = 1
 PREPARE_DEFAULTS = {
     "layout": "auto",
     # Options of the layouts (data.layouts); null ones are not passed. `modality` of the
-    # synthrad2023 layout defaults to the preprocessing `modality` below.
-    "layout_options": {"labels_dir": None, "modality": None, "image_pattern": None, "label_pattern": None},
+    # synthrad2023 layout defaults to the preprocessing `modality` below; `channels` is autopet's.
+    "layout_options": {"labels_dir": None, "modality": None, "image_pattern": None, "label_pattern": None,
+                       "channels": None},
     "label_names": None,  # [name0, name1, ...] or {value: name}, when the layout gives no label table
-    "split": {"fractions": [0.7, 0.15, 0.15], "seed": 0},
-    # Med-DDPM's BraTS label maps: non-zero image voxels outside the tumour become a "brain" label.
-    "brats_add_brain_label": False,
+    # Subject-level split: fractions (train, val, test), or subject counts (one may be null for
+    # "the rest") that replace the fractions; cases with a split from the layout keep it.
+    "split": {"fractions": [0.7, 0.15, 0.15], "counts": None, "seed": 0},
+    # Med-DDPM's BraTS label maps: non-zero image voxels outside the labelled foreground (the
+    # tumour) become an extra "brain" label, so the model is conditioned on the whole brain.
+    "add_brain_label": False,
     **PREPROCESS_DEFAULTS,
 }
 
@@ -152,9 +156,9 @@ def _resolve_tables(found: Discovery, cfg: dict) -> tuple[LabelTable | None, Lab
     if raw is None and cfg["label_names"] is not None:
         raw = _table_from_names(cfg["label_names"])
     brain = None
-    if cfg["brats_add_brain_label"]:
+    if cfg["add_brain_label"]:
         if raw is None:
-            raise ConfigError("brats_add_brain_label needs a label table (from the layout or label_names)")
+            raise ConfigError("add_brain_label needs a label table (from the layout or label_names)")
         raw, spec["label_mapping"], brain = _brain_label(raw, spec["label_mapping"])
     if raw is None:
         return None, None, spec, brain
@@ -181,7 +185,9 @@ def _splits(cases: list[Case], cfg: dict) -> dict[str, str]:
             raise DataError(f"subject '{case.subject_id}' has cases in two explicit splits "
                             f"({fixed[case.subject_id]} and {case.split})")
         fixed[case.subject_id] = case.split
-    return assign_splits([c.subject_id for c in cases], cfg["split"]["fractions"], int(cfg["split"]["seed"]), fixed)
+    split = cfg["split"]
+    return assign_splits([c.subject_id for c in cases], split["fractions"], int(split["seed"]), fixed,
+                         counts=split.get("counts"))
 
 
 # ------------------------------------------------------------------------------------- main
@@ -264,14 +270,15 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
                      {str(k): v for k, v in spec["label_mapping"].items()}},
             "intensity": intensity_summary(train_records),
             "layout": found.layout, "source": str(root.resolve()),
-            "split": {**cfg["split"], "counts": {s: sum(c["split"] == s for c in cases) for s in ("train", "val", "test")}},
+            "split": {**cfg["split"], "cases": {s: sum(c["split"] == s for c in cases) for s in SPLITS},
+                      "subjects": {s: len({c["subject_id"] for c in cases if c["split"] == s}) for s in SPLITS}},
             "skipped": skipped,
             "cases": cases,
         }
         write_json(tmp / "manifest.json", manifest)
         save_config({"prepare": cfg}, tmp / "prepare.yaml")
         (tmp / "unmatched.txt").write_text("".join(f"{line}\n" for line in found.unmatched), encoding="utf-8")
-    counts = manifest["split"]["counts"]
+    counts = manifest["split"]["cases"]
     log.info("prepared %d case(s) (train %d, val %d, test %d%s) in %s", len(cases), counts["train"], counts["val"],
              counts["test"], f", {len(skipped)} skipped" if skipped else "", out)
     return out

@@ -4,6 +4,9 @@ A subject (patient) never appears in two splits, so that no scan of a test patie
 training (the reference code split by ``os.listdir`` order and used the training set for
 validation). Splits given by the dataset itself (an ``imagesTs`` folder) are kept; the
 fractions of the splits so given are then not drawn again from the other subjects.
+
+The split sizes are given either as fractions (train, val, test) or as subject counts
+(``counts``, where one entry may be ``None``: "the rest").
 """
 
 from __future__ import annotations
@@ -45,13 +48,35 @@ def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+def resolve_counts(n: int, counts: Sequence[int | None]) -> list[int]:
+    """Explicit subject counts (train, val, test) for `n` subjects; one ``None`` takes the rest,
+    otherwise they must add up to `n` exactly (a silently dropped subject would be a surprise)."""
+    counts = list(counts)
+    valid = len(counts) == 3 and sum(c is None for c in counts) <= 1 and all(
+        c is None or (isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0) for c in counts)
+    if not valid:
+        raise ConfigError(f"split.counts must be three non-negative integers (train, val, test), one of them "
+                          f"may be null for 'the rest', got {counts!r}")
+    given = sum(c for c in counts if c is not None)
+    if None in counts:
+        if given > n:
+            raise ConfigError(f"split.counts {counts} ask for {given} subjects but only {n} have no explicit split")
+        return [n - given if c is None else int(c) for c in counts]
+    if given != n:
+        raise ConfigError(f"split.counts {counts} add up to {given} but {n} subjects have no explicit split "
+                          f"(use null for one split to take the rest)")
+    return [int(c) for c in counts]
+
+
 def assign_splits(subject_ids: Iterable[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
-                  fixed: Mapping[str, str] | None = None) -> dict[str, str]:
+                  fixed: Mapping[str, str] | None = None, counts: Sequence[int | None] | None = None
+                  ) -> dict[str, str]:
     """{subject: "train" | "val" | "test"}.
 
     Subjects in `fixed` keep their split. The others are sorted, permuted with
-    ``numpy.random.default_rng(seed)`` and cut by `fractions` (train, val, test), leaving out the
-    splits that `fixed` already provides (their fraction goes to the others).
+    ``numpy.random.default_rng(seed)`` and cut by `counts` when given (see ``resolve_counts``),
+    else by `fractions` (train, val, test), leaving out the splits that `fixed` already provides
+    (their fraction goes to the others).
     """
     fractions = _check_fractions(fractions)
     fixed = dict(fixed or {})
@@ -60,15 +85,17 @@ def assign_splits(subject_ids: Iterable[str], fractions: Sequence[float] = (0.7,
         raise ConfigError(f"explicit splits must be one of {', '.join(SPLITS)}, got {bad}")
     subjects = sorted(set(map(str, subject_ids)))
     free = [s for s in subjects if s not in fixed]
-    given = set(fixed.values())
-    fractions = np.array([0.0 if name in given and name != "train" else f for name, f in zip(SPLITS, fractions)])
-    fractions /= fractions.sum()
+    if counts is not None:
+        sizes = resolve_counts(len(free), counts)
+    else:
+        given = set(fixed.values())
+        fractions = np.array([0.0 if name in given and name != "train" else f for name, f in zip(SPLITS, fractions)])
+        sizes = split_counts(len(free), fractions / fractions.sum())
     order = np.random.default_rng(seed).permutation(len(free))
-    counts = split_counts(len(free), fractions)
     out = {s: fixed[s] for s in subjects if s in fixed}
     start = 0
-    for name, count in zip(SPLITS, counts):
-        for i in order[start:start + count]:
+    for name, size in zip(SPLITS, sizes):
+        for i in order[start:start + size]:
             out[free[i]] = name
-        start += count
+        start += size
     return out
