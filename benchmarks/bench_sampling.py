@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    torch.set_flush_denormal(True)  # as the medlsdm command does
     model = load_model(args.model)
     data = PreparedDataset(args.data, split=args.split)
     cases = [data[i] for i in range(min(args.cases, len(data)))]
