@@ -93,11 +93,6 @@ def resolve(defaults: Mapping, config: str | Mapping | None = None, overrides: I
     return cfg
 
 
-def section(cfg: Mapping, name: str, defaults: Mapping) -> dict:
-    """One section of a preset that may hold several (data, autoencoder, diffusion, ...)."""
-    return merge(defaults, cfg.get(name, {}) or {}, where=f"{name}.")
-
-
 STAGE_SECTIONS = ("prepare", "autoencoder", "diffusion")
 
 

@@ -93,7 +93,8 @@ class Sampler:
 
     def step(self, model_output: torch.Tensor, k: int, x_t: torch.Tensor,
              generator: torch.Generator | None = None) -> StepOutput:
-        raise NotImplementedError
+        """One step from x_t (step k of the grid) to the next sample; each sampler defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define step()")
 
 
 class DDPMSampler(Sampler):
