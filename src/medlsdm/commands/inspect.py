@@ -8,7 +8,6 @@ from pathlib import Path
 
 # Files naming label values, looked for beside a label map and one folder up (generic layout:
 # DATA/labels.json beside DATA/labels/; nnU-Net: dataset.json beside labelsTr/).
-TABLE_FILES = ("labels.json", "dataset.json")
 
 
 def register(subparsers) -> None:
@@ -90,53 +89,16 @@ def describe_geometry(shape, affine, dtype) -> list[str]:
             *(f"  {r}" for r in rows)]
 
 
-def _model_layout(volume):
-    """(C,)X, Y, Z file array -> canonical RAS in model layout (C,)D, H, W for the pictures."""
-    import numpy as np
-
-    from medlsdm.data.geometry import to_canonical
-
-    canonical, _, _ = to_canonical(np.asarray(volume.array), volume.affine)
-    return np.swapaxes(canonical, -1, -3)
-
-
 # ------------------------------------------------------------------------------ label tables
 
 
-def _read_table(path: str | Path) -> dict[int, str]:
-    from medlsdm.data.labels import LabelTable
-    from medlsdm.errors import DataError
-    from medlsdm.files import read_json
-
-    data = read_json(path)
-    try:
-        nnunet = isinstance(data.get("labels"), dict)  # dataset.json: {"labels": {name: value}}
-        table = LabelTable.from_nnunet(data["labels"]) if nnunet else LabelTable.from_mapping(data)
-    except (DataError, AttributeError) as exc:
-        raise DataError(f"{path}: not a label table ({exc})") from None
-    return table.names
-
-
-def _find_table(label_path: Path) -> Path | None:
-    """labels.json, or a dataset.json with a ``labels`` entry, beside the label map or one folder up."""
-    from medlsdm.files import read_json
-
-    for folder in (label_path.parent, label_path.parent.parent):
-        for name in TABLE_FILES:
-            candidate = folder / name
-            if not candidate.is_file():
-                continue
-            data = read_json(candidate)
-            if name == "labels.json" or (isinstance(data, dict) and isinstance(data.get("labels"), dict)):
-                return candidate
-    return None
-
-
 def _table_lines(args, label_path: Path) -> tuple[dict[int, str] | None, list[str]]:
-    path = Path(args.table) if args.table else _find_table(label_path)
+    from medlsdm.data.labels import find_label_table, read_label_table
+
+    path = Path(args.table) if args.table else find_label_table([label_path.parent, label_path.parent.parent])
     if path is None:
         return None, []
-    return _read_table(path), [f"label table: {path}"]
+    return read_label_table(path).names, [f"label table: {path}"]
 
 
 # --------------------------------------------------------------------------------- targets
@@ -146,12 +108,13 @@ def _inspect_file(args) -> tuple[list[str], object, object]:
     import numpy as np
 
     from medlsdm.data.io import check_same_grid, read_volume
+    from medlsdm.data.preprocess import volume_in_model_layout
 
     volume = read_volume(args.file)
     lines = [f"file: {args.file}", *describe_geometry(volume.array.shape, volume.affine, volume.array.dtype)]
     if volume.array.ndim == 4:
         lines.append(f"channels: {volume.array.shape[0]}")
-    image, label = _model_layout(volume), None
+    image, label = volume_in_model_layout(volume), None
     if args.labels:
         names, table_lines = _table_lines(args, Path(args.labels))
         label_volume = read_volume(args.labels)
@@ -159,7 +122,7 @@ def _inspect_file(args) -> tuple[list[str], object, object]:
         lines += describe_values(volume.array)
         lines += [f"labels: {args.labels}", *table_lines,
                   *describe_values(np.round(label_volume.array).astype(np.int64), names)]
-        label = _model_layout(label_volume)
+        label = volume_in_model_layout(label_volume)
     elif _is_label_like(volume.array) and volume.array.ndim == 3:
         names, table_lines = _table_lines(args, Path(args.file))
         lines += [*table_lines, *describe_values(volume.array, names)]
@@ -184,11 +147,12 @@ def _prepared_case(root: Path, case_id: str) -> tuple[dict, dict]:
 def _inspect_prepared(root: Path, case_id: str, table: str | None) -> tuple[list[str], object, object]:
     import numpy as np
 
+    from medlsdm.data.labels import read_label_table
     from medlsdm.data.preprocess import prepared_affine
 
     manifest, case = _prepared_case(root, case_id)
     image, label = np.load(root / case["image"], mmap_mode="r"), np.load(root / case["label"], mmap_mode="r")
-    names = _read_table(table) if table else {int(k): v for k, v in manifest["label_table"].items()}
+    names = read_label_table(table).names if table else {int(k): v for k, v in manifest["label_table"].items()}
     lines = [f"prepared case: {case_id} (subject {case['subject_id']}, split {case['split']}) in {root}",
              f"image: {root / case['image']}", f"label map: {root / case['label']}",
              *describe_geometry(image.shape, prepared_affine(case["record"]), image.dtype),

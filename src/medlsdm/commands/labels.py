@@ -137,7 +137,7 @@ def _parse_edits(args) -> list:
 
 
 def _names(table_arg: str | None, label_path: Path) -> tuple[dict[int, str] | None, str | None]:
-    from medlsdm.data.edit import find_label_table, read_label_table
+    from medlsdm.data.labels import find_label_table, read_label_table
 
     path = Path(table_arg) if table_arg else find_label_table([label_path.parent, label_path.parent.parent])
     return (read_label_table(path).names, str(path)) if path else (None, None)
@@ -150,16 +150,6 @@ def _counts(array) -> dict[int, int]:
     return dict(zip(values.tolist(), counts.tolist()))
 
 
-def _model_layout(volume):
-    """File axes (X, Y, Z) -> canonical RAS in model layout (D, H, W), as the pictures expect."""
-    import numpy as np
-
-    from medlsdm.data.geometry import to_canonical
-
-    canonical, _, _ = to_canonical(np.asarray(volume.array), volume.affine)
-    return np.swapaxes(canonical, -1, -3)
-
-
 def _voxel_ml(volume) -> float:
     import numpy as np
 
@@ -168,6 +158,7 @@ def _voxel_ml(volume) -> float:
 
 def run_show(args) -> int:
     from medlsdm.data.io import read_label_map
+    from medlsdm.data.preprocess import volume_in_model_layout
     from medlsdm.viz import label_picture, save_png
 
     volume = read_label_map(args.label)
@@ -181,13 +172,14 @@ def run_show(args) -> int:
         name = names.get(value, "(not in table)") if names is not None else ""
         print(f"{value:5d}  {count:6d}  {count * _voxel_ml(volume):11.3f}  {name}".rstrip())
     if args.png:
-        save_png(args.png, label_picture(_model_layout(volume)))
+        save_png(args.png, label_picture(volume_in_model_layout(volume)))
         print(f"picture: {args.png}")
     return 0
 
 
 def run_edit(args) -> int:
-    from medlsdm.data.edit import apply_edits, read_label_table
+    from medlsdm.data.edit import apply_edits
+    from medlsdm.data.labels import read_label_table
     from medlsdm.data.io import read_label_map, write_nifti
 
     table = read_label_table(args.table) if args.table else None
@@ -209,6 +201,7 @@ def run_diff(args) -> int:
     import numpy as np
 
     from medlsdm.data.io import check_same_grid, read_label_map
+    from medlsdm.data.preprocess import volume_in_model_layout
     from medlsdm.viz import label_picture, montage, save_png
 
     a, b = read_label_map(args.before), read_label_map(args.after)
@@ -222,7 +215,7 @@ def run_diff(args) -> int:
         delta = after.get(value, 0) - before.get(value, 0)
         print(f"  class {value}: {before.get(value, 0)} -> {after.get(value, 0)} ({delta:+d}){name}")
     if args.png:
-        la, lb = _model_layout(a), _model_layout(b)
+        la, lb = volume_in_model_layout(a), volume_in_model_layout(b)
         moved = la != lb
         # One cut for all panels, through the changed voxels, so before and after are comparable.
         centre = tuple(int(round(c)) for c in np.argwhere(moved).mean(axis=0)) if moved.any() else None

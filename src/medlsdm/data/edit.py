@@ -19,7 +19,6 @@ grid's edge nothing is known, so the edge does not erode a region that touches i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -28,7 +27,6 @@ from scipy import ndimage
 from medlsdm.data.io import Volume
 from medlsdm.data.labels import LabelTable, validate_label_map
 from medlsdm.errors import DataError
-from medlsdm.files import read_json
 
 ELEMENTS = ("ball", "cube")
 
@@ -260,34 +258,3 @@ def apply_edits(volume: Volume, edits: Sequence[Edit], table: LabelTable | None 
             raise DataError(f"{source}: {edit.describe()}: class(es) {unknown} not in {where}: {sorted(known)}")
     label = validate_label_map(label, table, source=source)
     return Volume(array=label, affine=np.array(volume.affine, dtype=np.float64), path=None)
-
-
-# ------------------------------------------------------------------------------ label tables
-
-
-def read_label_table(path: str | Path) -> LabelTable:
-    """A label table from ``labels.json`` (``{"0": "background", ...}``) or an nnU-Net
-    ``dataset.json`` (its ``labels`` entry ``{name: value}``)."""
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: not a label table (expected a JSON object)")
-    try:
-        if isinstance(data.get("labels"), dict):
-            return LabelTable.from_nnunet(data["labels"])
-        return LabelTable.from_mapping(data)
-    except DataError as exc:
-        raise DataError(f"{path}: not a label table ({exc})") from None
-
-
-def find_label_table(folders: Sequence[str | Path]) -> Path | None:
-    """The first ``labels.json``, or ``dataset.json`` with a ``labels`` entry, in `folders`."""
-    for folder in folders:
-        folder = Path(folder)
-        if (folder / "labels.json").is_file():
-            return folder / "labels.json"
-        candidate = folder / "dataset.json"
-        if candidate.is_file():
-            data = read_json(candidate)
-            if isinstance(data, dict) and isinstance(data.get("labels"), dict):
-                return candidate
-    return None

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medlsdm.data.edit import find_label_table, read_label_table
+from medlsdm.data.labels import find_label_table, read_label_table
 from medlsdm.data.io import VOLUME_SUFFIXES, Volume, check_same_grid, read_label_map, read_volume, volume_stem, write_nifti
 from medlsdm.data.labels import LabelTable, remap
 from medlsdm.errors import DataError, MedlsdmError

@@ -7,11 +7,13 @@ or a value missing from the table is an error naming the file and the values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from medlsdm.errors import DataError
+from medlsdm.files import read_json
 
 
 @dataclass(frozen=True)
@@ -114,3 +116,31 @@ def one_hot(labels, num_classes: int, drop_background: bool = False):
         labels = labels[:, 0]
     out = torch.nn.functional.one_hot(labels.long(), num_classes).permute(0, 4, 1, 2, 3).float()
     return out[:, 1:] if drop_background else out
+
+
+def read_label_table(path: str | Path) -> LabelTable:
+    """A label table from ``labels.json`` (``{"0": "background", ...}``) or an nnU-Net
+    ``dataset.json`` (its ``labels`` entry ``{name: value}``)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a label table (expected a JSON object)")
+    try:
+        if isinstance(data.get("labels"), dict):
+            return LabelTable.from_nnunet(data["labels"])
+        return LabelTable.from_mapping(data)
+    except DataError as exc:
+        raise DataError(f"{path}: not a label table ({exc})") from None
+
+
+def find_label_table(folders: Sequence[str | Path]) -> Path | None:
+    """The first ``labels.json``, or ``dataset.json`` with a ``labels`` entry, in `folders`."""
+    for folder in folders:
+        folder = Path(folder)
+        if (folder / "labels.json").is_file():
+            return folder / "labels.json"
+        candidate = folder / "dataset.json"
+        if candidate.is_file():
+            data = read_json(candidate)
+            if isinstance(data, dict) and isinstance(data.get("labels"), dict):
+                return candidate
+    return None

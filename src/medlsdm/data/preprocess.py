@@ -90,11 +90,16 @@ def resolve_spec(spec: Mapping | None) -> dict:
 # --------------------------------------------------------------------------------- geometry
 
 
-def _to_model_layout(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def to_model_layout(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Canonical RAS, then (X, Y, Z) -> (Z, Y, X) with the affine's columns permuted alongside."""
     canonical, canonical_affine, ornt = to_canonical(array, affine)
     model = np.ascontiguousarray(np.swapaxes(canonical, -1, -3))
     return model, canonical_affine @ MODEL_FROM_VOXEL, ornt
+
+
+def volume_in_model_layout(volume) -> np.ndarray:
+    """A loaded `Volume`'s array in canonical RAS model layout (C,)D, H, W (pictures, summaries)."""
+    return to_model_layout(np.asarray(volume.array), volume.affine)[0]
 
 
 def _from_model_layout(array: np.ndarray, model_affine: np.ndarray, ornt) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +182,7 @@ def _plan_geometry(label_model: np.ndarray, model_affine: np.ndarray, spec: dict
 
 def _geometry_record(label: Volume, spec: dict) -> tuple[dict, np.ndarray]:
     """Reorient/resample/crop the label map; returns the geometry record and the prepared map."""
-    label_model, model_affine, ornt = _to_model_layout(np.asarray(label.array), label.affine)
+    label_model, model_affine, ornt = to_model_layout(np.asarray(label.array), label.affine)
     plan = _plan_geometry(label_model, model_affine, spec, str(label.path))
     grid_label = plan.pop("_grid_label")
     plan.pop("_grid_affine")
@@ -279,7 +284,7 @@ def preprocess_case(image: Volume, label: Volume, spec: Mapping, table: LabelTab
     record, prepared_label = _geometry_record(label, spec)
     array = np.asarray(image.array, dtype=np.float32)
     array = array if array.ndim == 4 else array[None]
-    model, model_affine, _ = _to_model_layout(array, image.affine)
+    model, model_affine, _ = to_model_layout(array, image.affine)
     if record["resampled"]:
         model = resample_to_grid(model, model_affine, resampled_affine(record), record["resampled_shape"],
                                  order=INTERPOLATION_ORDERS[spec["image_interpolation"]], cval=0.0,
