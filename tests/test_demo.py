@@ -27,11 +27,14 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     image = nib.load(str(synthetic[0]))
     assert image.shape == label.shape and (image.affine == label.affine).all()
     assert len(list((out / "diversity").glob("*.nii.gz"))) == 3
-    for name in ("metrics.json", "segmentation.json", "privacy.json", "report.html", "report.md"):
+    for name in ("metrics.json", "segmentation.json", "privacy.json", "label_edit.json", "report.html", "report.md"):
         assert (out / "evaluation" / name).is_file(), name
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("{"):])
-    assert set(summary) >= {"ssim", "psnr", "dice_real", "dice_synthetic", "dice_ratio", "privacy_flagged"}
+    assert set(summary) >= {"ssim", "psnr", "dice_real", "dice_synthetic", "dice_ratio", "privacy_flagged",
+                            "edit_followed"}
+    assert (out / "evaluation" / "label_edit" / "subject_004_edited.nii.gz").is_file()
+    assert "Label-map editing" in (out / "evaluation" / "report.md").read_text(encoding="utf-8")
     assert 0.0 <= summary["privacy_flagged"] <= 1.0
 
 

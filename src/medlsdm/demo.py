@@ -2,7 +2,7 @@
 
 cohort (medlsdm demo-data) → prepare → models (shipped demo weights, or trained here with
 --train) → synthetic volumes from the held-out label maps → quality, segmentation and privacy
-evaluation → report with pictures, and a short summary with the headline numbers.
+evaluation → a label-map edit sampled from the same noise → report with pictures, and a short summary with the headline numbers.
 Every step is the library function behind the corresponding `medlsdm` command.
 """
 
@@ -13,7 +13,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from medlsdm.errors import MedlsdmError
+from medlsdm.data.edit import Edit
 from medlsdm.files import ensure_writable_dir
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,11 @@ def shipped_model_dir() -> Path | None:
     """The demo model shipped inside the package (diffusion + autoencoder), if present."""
     folder = Path(str(resources.files("medlsdm") / "weights" / "demo"))
     return folder if (folder / "diffusion.safetensors").is_file() else None
+
+
+# The showcase edit: grow the CSF class (1) by two voxels (6 mm on the demo grid) into the grey
+# matter around it, as in atrophy; on a T1 image the grown region should turn dark.
+SHOWCASE_EDIT = Edit("dilate", {"cls": 1, "n": 2})
 
 
 def _step(i: int, n: int, text: str) -> None:
@@ -62,13 +67,14 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
     from medlsdm.data.demo import write_demo_cohort
     from medlsdm.data.prepare import prepare_dataset
     from medlsdm.evaluation.audit import audit_folders
+    from medlsdm.evaluation.editing import run_label_edit
     from medlsdm.evaluation.quality import evaluate_quality
     from medlsdm.evaluation.report import build_report
     from medlsdm.evaluation.segmentation import evaluate_segmentation
     from medlsdm.generate import sample_to_files
 
     out = ensure_writable_dir(out)
-    n = 6
+    n = 7
     cohort = out / "cohort"
     _step(1, n, f"building the demo cohort ({n_subjects} subjects, {shape}^3 at {spacing} mm) in {cohort}")
     if not (cohort / "dataset.json").is_file():
@@ -106,14 +112,16 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
                                          budget_minutes=None if segmentation_epochs else segmentation_minutes,
                                          seed=seed, protocols=["real"])
     privacy = audit_folders(cohort / "images", synthetic, evaluation)
-    _step(6, n, "writing the report")
-    report_md, report_html = build_report(evaluation)
-    summary = headline(quality, segmentation, privacy)
-    summary["report"] = str(report_html)
+    _step(6, n, f"label-map editing: {SHOWCASE_EDIT.describe()} in {first.name}, sampled from the same noise")
+    edit = run_label_edit(model_dir, first, [SHOWCASE_EDIT], evaluation, seed=seed, steps=steps)
+    _step(7, n, "writing the report")
+    build_report(evaluation)
+    summary = headline(quality, segmentation, privacy, edit)
+    summary["report"] = str(evaluation / "report.html")
     return summary
 
 
-def headline(quality: dict, segmentation: dict, privacy: dict) -> dict:
+def headline(quality: dict, segmentation: dict, privacy: dict, edit: dict | None = None) -> dict:
     """The few numbers the demo prints."""
     paired = quality.get("paired", {}).get("summary", {})
     gap = segmentation.get("domain_gap", {})
@@ -124,4 +132,5 @@ def headline(quality: dict, segmentation: dict, privacy: dict) -> dict:
         "dice_synthetic": gap.get("dice_synthetic"),
         "dice_ratio": gap.get("ratio"),
         "privacy_flagged": privacy.get("fraction_flagged"),
+        "edit_followed": (edit or {}).get("followed"),
     }

@@ -145,7 +145,7 @@ def _seed_for(seed: int, stem: str, start: int) -> int:
     return int(np.random.SeedSequence([int(seed), zlib.crc32(stem.encode("utf-8")), start]).generate_state(1)[0])
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -199,7 +199,7 @@ def _image_shape(model: SynthesisModel) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def _write_sample(path: Path, array: np.ndarray, record: dict, intensity: dict | None) -> None:
+def write_sample(path: Path, array: np.ndarray, record: dict, intensity: dict | None) -> None:
     """One sample (C, D, H, W) in [-1, 1] -> NIfTI on the record's original grid, de-normalised."""
     from medlsdm.data.io import write_nifti
     from medlsdm.data.preprocess import invert_image
@@ -250,7 +250,7 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
         raise MedlsdmError("--n and --batch-size must be at least 1")
     if steps is not None and steps < 1:
         raise MedlsdmError("--steps must be at least 1")
-    model = load_model(model_dir, _resolve_device(device))
+    model = load_model(model_dir, resolve_device(device))
     scfg = model.sidecar.get("sampling", {})
     sampler = sampler or scfg.get("sampler", "ddim")
     steps = steps if steps is not None else (None if sampler == "ddpm" else scfg.get("steps", 50))
@@ -287,7 +287,7 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
                                  callback=callback, progress=False).float().cpu().numpy()
             for j in range(k):
                 name = f"{stem}_sample{start + j}"
-                _write_sample(out / f"{name}.nii.gz", volumes[j], record, intensity)
+                write_sample(out / f"{name}.nii.gz", volumes[j], record, intensity)
                 _preview(out / f"{name}.png", volumes[j], label)
                 written.append(out / f"{name}.nii.gz")
                 bar.update(1)

@@ -23,7 +23,8 @@ from medlsdm.errors import MedlsdmError
 from medlsdm.files import atomic_output, ensure_writable_dir, read_json
 
 __all__ = ["Text", "Table", "Figure", "Section", "SECTION_FILES", "fmt", "write_report",
-           "build_report", "quality_section", "segmentation_section", "privacy_section"]
+           "build_report", "quality_section", "segmentation_section", "privacy_section",
+           "label_edit_section"]
 
 
 @dataclass
@@ -290,11 +291,33 @@ def privacy_section(data: dict, out_dir: str | os.PathLike) -> Section:
     return sec
 
 
+def label_edit_section(data: dict, out_dir: str | os.PathLike) -> Section:
+    """Label-map editing from ``label_edit.json`` (`medlsdm.evaluation.editing`)."""
+    out_dir = Path(out_dir)
+    names = data.get("class_names", {})
+    target = data.get("target_class")
+    target_name = f"{target} ({names.get(str(target), '?')})"
+    sec = Section("Label-map editing: does the image follow the map?")
+    sec.blocks.append(Text(
+        f"{data.get('label_map')}: {'; '.join(data.get('edits', []))}, sampled with the original and the edited "
+        f"label map from the same noise ({data.get('sampler')}, {data.get('steps') or 'all'} steps, guidance "
+        f"{data.get('guidance')}, seed {data.get('seed')}). {data.get('changed_voxels')} voxels became class "
+        f"{target_name}. Intensities on the model's grid in [-1, 1]."))
+    sec.blocks.append(Table(
+        ["changed voxels, from the original map", "changed voxels, from the edited map",
+         f"class {target_name} elsewhere", "fraction of the way followed", "mean change elsewhere"],
+        [[data.get("changed_before"), data.get("changed_after"), data.get("target_reference"),
+          data.get("followed"), data.get("unchanged_mae")]], "Mean synthetic intensity"))
+    sec.blocks += _figures(data, out_dir)
+    return sec
+
+
 # file name -> renderer, in report order
 SECTION_FILES: dict[str, Callable[[dict, Path], Section]] = {
     "metrics.json": quality_section,
     "segmentation.json": segmentation_section,
     "privacy.json": privacy_section,
+    "label_edit.json": label_edit_section,
 }
 
 
