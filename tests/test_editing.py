@@ -1,7 +1,7 @@
 """Label-map editing showcase: the edit-following numbers and the run on the shipped model."""
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import pytest
 
 from medlsdm.data.edit import Edit
