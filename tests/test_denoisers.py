@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from medlsdm.errors import ConfigError, MedlsdmError
-from medlsdm.models.denoisers import (DENOISER_DEFAULTS, ConcatUNet, LabelEncoder, SemanticUNet, SpadeGroupNorm,
+from medlsdm.models.denoisers import (DENOISER_DEFAULTS, ConcatUNet, Conv3d, LabelEncoder, SemanticUNet, SpadeGroupNorm,
                                       UnconditionalUNet, build_denoiser)
 
 TINY = dict(base_channels=8, channel_mult=(1, 2), attention_levels=(1,), attention_head_dim=4)
@@ -159,3 +159,26 @@ def test_build_denoiser_kinds_and_errors():
         build_denoiser({**tiny, "num_classes": None})
     with pytest.raises(ConfigError, match="label_downsample"):
         build_denoiser({**tiny, "label_downsample": [3, 4, 4]})
+
+
+@pytest.mark.parametrize("kernel,stride", [((1, 3, 3), (1, 1, 1)), ((1, 3, 3), (1, 2, 2)), ((1, 1, 1), (1, 1, 1)),
+                                           ((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (2, 2, 2))])
+def test_conv3d_batch_one_slice_path_matches_nn_conv3d(kernel, stride):
+    """The batch-1 in-plane path (conv2d over slices) gives nn.Conv3d's output and gradients."""
+    torch.manual_seed(0)
+    ours = Conv3d(5, 7, kernel, stride, padding=tuple(k // 2 for k in kernel))
+    reference = torch.nn.Conv3d(5, 7, kernel, stride, padding=tuple(k // 2 for k in kernel))
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 5, 6, 10, 12, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = ours(x), reference(x_ref)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
+    two = torch.randn(2, 5, 6, 10, 12)                 # batch >= 2: plain nn.Conv3d
+    torch.testing.assert_close(ours(two), reference(two))
