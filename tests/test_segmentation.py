@@ -101,3 +101,18 @@ def test_refuses_same_folders_and_impossible_protocols(toy, tmp_path):
     with pytest.raises(MedlsdmError, match="--patch 9 16 16"):
         evaluate_segmentation(root / "train", root / "test", noise, tmp_path, epochs=1, config=TINY,
                               patch=(9, 16, 16), progress=False)
+
+
+def test_synthetic_test_cases_pair_with_their_test_label_maps(toy):
+    """The building blocks used to score several models with one segmenter: each synthetic test
+    volume carries the label map of the test case it was generated from."""
+    from medlsdm.evaluation.pairing import scan_folder
+    from medlsdm.evaluation.segmentation import load_real_cases, load_synthetic_test_cases
+
+    root, copies, _ = toy
+    real = {c.case_id: c for c in load_real_cases(scan_folder(root / "test", "real test cases"))}
+    synthetic = load_synthetic_test_cases(copies, root / "test")
+    assert sorted(c.case_id for c in synthetic) == ["te0_sample0", "te1_sample0"]
+    for case in synthetic:
+        twin = real[case.case_id.removesuffix("_sample0")]
+        assert np.array_equal(case.label, twin.label) and np.allclose(case.image, twin.image)

@@ -97,6 +97,23 @@ def _load_case(files: VolumeFiles, label_path: Path | None, percentiles) -> SegC
     return SegCase(files.name, normalise_percentiles(image, *percentiles), label, files.display)
 
 
+def load_real_cases(files: Mapping[str, VolumeFiles], percentiles=SEGMENTATION_DEFAULTS["percentiles"]) -> list[SegCase]:
+    """Real cases (images with their label maps, from `scan_folder`) ready for the network."""
+    return [_load_case(f, f.label, percentiles) for f in files.values()]
+
+
+def load_synthetic_test_cases(synthetic: str | os.PathLike, test_real: str | os.PathLike,
+                              test_labels: str | os.PathLike | None = None,
+                              percentiles=SEGMENTATION_DEFAULTS["percentiles"]) -> list[SegCase]:
+    """Synthetic volumes paired by case ID with the real test cases (``test_labels``: their label
+    maps when ``test_real`` is a flat folder), each with its test case's label map (the map it was
+    generated from) as the reference."""
+    test_files = scan_folder(test_real, "real test cases", test_labels)
+    syn = scan_folder(synthetic, "synthetic volumes")
+    pairs = pair_by_case(test_files, syn, "the real test set", synthetic).pairs
+    return [_load_case(p.synthetic, p.real.label, percentiles) for p in pairs]
+
+
 def _num_classes(groups: Sequence[Sequence[SegCase]]) -> int:
     top = max(int(c.label.max()) for cases in groups for c in cases)
     if top > 255:
@@ -309,8 +326,8 @@ def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.Pat
     test_syn, train_syn, pairing = _synthetic_sets(synthetic, synthetic_train, synthetic_labels,
                                                    train_files, test_files)
     sets = {
-        "train_real": [_load_case(f, f.label, pct) for f in train_files.values()],
-        "test_real": [_load_case(f, f.label, pct) for f in test_files.values()],
+        "train_real": load_real_cases(train_files, pct),
+        "test_real": load_real_cases(test_files, pct),
         "test_synthetic": [_load_case(f, lbl, pct) for f, lbl, _ in test_syn],
         "train_synthetic": [_load_case(f, lbl, pct) for f, lbl in train_syn],
     }

@@ -1,0 +1,150 @@
+"""Med-LSDM and the two baselines side by side on the demo cohort: generation time, paired
+quality, distribution (MMD), diversity, downstream segmentation Dice and the privacy audit.
+
+Every model generates from the held-out label maps of the cohort (unconditional models generate
+as many volumes, unpaired); one segmentation network, trained once on the real training cases
+(seeded, a fixed number of epochs), scores the real test images and each model's synthetic
+images against the test label maps, so the Dice ratios share one yardstick. Each model's full
+evaluation (metrics.json, segmentation-free report with figures, privacy.json) lands in
+OUT/<name>/evaluation.
+
+    .venv/bin/python benchmarks/bench_models.py --cohort COHORT --out OUT \\
+        --model lsdm=RUN_DIR --model med-ddpm=RUN_DIR --model ldm-uncond=RUN_DIR \\
+        [--sampling lsdm=ddim:25] [--n 2] [--seg-epochs 60]
+
+(COHORT: `medlsdm demo-data --out COHORT`; the runs: see benchmarks/models.md.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from medlsdm.evaluation.audit import audit_folders
+from medlsdm.evaluation.pairing import scan_folder
+from medlsdm.evaluation.quality import evaluate_quality
+from medlsdm.evaluation.report import build_report
+from medlsdm.evaluation.segmentation import (SEGMENTATION_DEFAULTS, load_real_cases, load_synthetic_test_cases,
+                                             score, train_segmenter)
+from medlsdm.generate import load_model, sample_to_files
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"{what} {item!r}: expected NAME=VALUE")
+        name, value = item.split("=", 1)
+        out[name] = value
+    return out
+
+
+def segmenter(cohort: Path, epochs: int, seed: int):
+    train = load_real_cases(scan_folder(cohort / "images", "real training cases", cohort / "labels"))
+    test = load_real_cases(scan_folder(cohort / "imagesTs", "real test cases", cohort / "labelsTs"))
+    num_classes = max(int(c.label.max()) for c in train + test) + 1
+    patch = tuple(int(s) for s in train[0].image.shape[1:])
+    net, info = train_segmenter(train, num_classes, patch, epochs=epochs, seed=seed, progress=True,
+                                desc="segmentation [real]")
+    return net, info, num_classes, patch, score(net, test, num_classes, patch)
+
+
+def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, out: Path, n: int, seed: int,
+                   seg) -> dict:
+    net, _, num_classes, patch, real_score = seg
+    model = load_model(run_dir, "cpu")
+    sampler, steps = None, None
+    if sampling:
+        sampler, _, text = sampling.partition(":")
+        steps = int(text) if text else None
+    synthetic = out / name / "synthetic"
+    labels = cohort / "labelsTs"
+    n_test = len(list(labels.glob("*.nii.gz")))
+    start = time.perf_counter()
+    if model.conditional:
+        written = sample_to_files(run_dir, labels, synthetic, n=n, sampler=sampler, steps=steps, seed=seed)
+    else:
+        written = sample_to_files(run_dir, None, synthetic, n=n * n_test, sampler=sampler, steps=steps, seed=seed)
+    seconds = (time.perf_counter() - start) / len(written)
+    scfg = model.sidecar.get("sampling", {})
+    evaluation = out / name / "evaluation"
+    quality = evaluate_quality(cohort / "imagesTs", synthetic, evaluation, labels=labels, progress=False)
+    privacy = audit_folders(cohort / "images", synthetic, evaluation)
+    build_report(evaluation)
+    paired = quality["paired"]["summary"]
+    row = {
+        "model": name, "run": run_dir, "kind": model.sidecar["denoiser"].get("kind"),
+        "space": model.sidecar.get("space"),
+        "sampler": sampler or scfg.get("sampler"), "steps": steps or scfg.get("steps") or model.schedule.T,
+        "guidance": scfg.get("guidance", 1.0) if model.conditional else None,
+        "training_steps": model.sidecar.get("steps"),
+        "seconds_per_volume": seconds, "n_volumes": len(written),
+        "ssim": paired.get("ssim", {}).get("mean"), "psnr": paired.get("psnr", {}).get("mean"),
+        "ms_ssim": paired.get("ms_ssim", {}).get("mean"),
+        "mmd": quality["distribution"].get("mmd"), "diversity": quality.get("diversity"),
+        "privacy_flagged": privacy.get("fraction_flagged"),
+        "dice_synthetic": None, "dice_ratio": None,
+    }
+    if model.conditional:
+        syn_score = score(net, load_synthetic_test_cases(synthetic, cohort / "imagesTs", labels), num_classes, patch)
+        d_real, d_syn = real_score["mean"]["dice"], syn_score["mean"]["dice"]
+        row.update(dice_synthetic=d_syn, dice_ratio=d_syn / d_real if d_real else None,
+                   dice_synthetic_per_class={c: s["dice"] for c, s in syn_score["per_class"].items()})
+    return row
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cohort", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--model", action="append", required=True, help="NAME=RUN_DIR (repeat)")
+    parser.add_argument("--sampling", action="append", default=[], help="NAME=SAMPLER[:STEPS] (default: the model's)")
+    parser.add_argument("--n", type=int, default=2, help="samples per test label map (2: diversity is measured)")
+    parser.add_argument("--seg-epochs", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    models, sampling = _pairs(args.model, "--model"), _pairs(args.sampling, "--sampling")
+
+    start = time.perf_counter()
+    seg = segmenter(args.cohort, args.seg_epochs, args.seed)
+    net_info, real_score = seg[1], seg[4]
+    rows = [evaluate_model(name, run, sampling.get(name), args.cohort, args.out, args.n, args.seed, seg)
+            for name, run in models.items()]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
+              "commit": commit, "segmenter": net_info, "dice_real": real_score["mean"]["dice"],
+              "dice_real_per_class": {c: s["dice"] for c, s in real_score["per_class"].items()},
+              "models": rows, "minutes": (time.perf_counter() - start) / 60}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    print(f"machine: {result['machine']}; commit {commit}; segmenter: {net_info['steps']} steps, "
+          f"Dice on real test images {result['dice_real']:.3f}")
+    print("| model | sampler | steps | s / volume | SSIM | PSNR (dB) | MS-SSIM | MMD | Dice synthetic | "
+          "Dice ratio | privacy flagged |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mmd = r["mmd"].get("value") if isinstance(r["mmd"], dict) else r["mmd"]
+        print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {_fmt(r['seconds_per_volume'], 1)} | "
+              f"{_fmt(r['ssim'])} | {_fmt(r['psnr'], 2)} | {_fmt(r['ms_ssim'])} | {_fmt(mmd, 4)} | "
+              f"{_fmt(r['dice_synthetic'])} | {_fmt(r['dice_ratio'])} | {_fmt(r['privacy_flagged'], 2)} |")
+
+
+if __name__ == "__main__":
+    main()
