@@ -127,3 +127,27 @@ def test_synthesize_is_seeded_in_memory(runs):
     label = np.load(runs["data"] / "labels" / "case003.npy")
     a, b = (synthesize(model, label, n=1, steps=2, guidance=1.5, seed=3, progress=False) for _ in range(2))
     assert a.shape == (1, 1, 16, 16, 16) and (a == b).all() and a.abs().max() <= 1
+
+
+def test_clip_x0_bounds_the_x0_estimates(runs, tmp_path, capsys):
+    """A given bound reaches the sampler (pixel space: the last DDIM step returns the clipped x0
+    estimate); the default comes from the sidecar's sampling.clip_x0, else the data range."""
+    from medlsdm.errors import MedlsdmError
+    from medlsdm.generate import x0_clip
+
+    model = load_model(runs["pixel"])
+    label = np.load(runs["data"] / "labels" / "case003.npy")
+    free = synthesize(model, label, n=1, steps=3, seed=1, progress=False)
+    tight = synthesize(model, label, n=1, steps=3, seed=1, progress=False, clip_x0=0.05)
+    assert free.abs().max() > 0.05 and tight.abs().max() <= 0.05 + 1e-6
+    assert x0_clip(model) == 1.0
+    model.sidecar["sampling"]["clip_x0"] = 0.05
+    assert x0_clip(model) == 0.05 and (synthesize(model, label, n=1, steps=3, seed=1, progress=False) == tight).all()
+    latent = load_model(runs["semantic"])
+    assert x0_clip(latent) == latent.scaler.bound and x0_clip(latent, 2.5) == 2.5
+    with pytest.raises(MedlsdmError, match="clip-x0"):
+        x0_clip(latent, 0.0)
+    label_path = write_label_map(tmp_path / "l.nii.gz")
+    assert sample(runs["semantic"], tmp_path / "out", "--clip-x0", "2", labels=label_path) == 0
+    assert sample(runs["semantic"], tmp_path / "bad", "--clip-x0", "-1", labels=label_path) == 2
+    assert "clip-x0" in capsys.readouterr().err

@@ -85,13 +85,28 @@ def _model_shape(model: SynthesisModel, image_shape: Sequence[int]) -> tuple[int
     return (len(model.sidecar["channels"]), *image_shape)
 
 
+def x0_clip(model: SynthesisModel, clip_x0: float | None = None) -> float:
+    """The samplers' x0 bound: `clip_x0` if given, else the model's ``sampling.clip_x0``, else the
+    widest sensible one: 1 in pixel space and for min-max latents, the largest |scaled latent|
+    of the training set for std-scaled latents (a tighter bound steadies few-step samplers of
+    epsilon-prediction models; benchmarks/sampling.md)."""
+    if clip_x0 is None:
+        clip_x0 = model.sidecar.get("sampling", {}).get("clip_x0")
+    if clip_x0 is None:
+        return 1.0 if model.scaler is None else model.scaler.x0_clip
+    if not float(clip_x0) > 0:
+        raise MedlsdmError(f"--clip-x0 must be a positive number, got {clip_x0}")
+    return float(clip_x0)
+
+
 @torch.no_grad()
 def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, sampler: str = "ddim",
                steps: int | None = 50, guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
                image_shape: Sequence[int] | None = None, callback: Callable | None = None,
-               progress: bool = True) -> torch.Tensor:
+               progress: bool = True, clip_x0: float | None = None) -> torch.Tensor:
     """`n` volumes (n, C, D, H, W) in [-1, 1] on the prepared grid, for one prepared label map
-    (D, H, W) (None for unconditional models, which then need `image_shape`)."""
+    (D, H, W) (None for unconditional models, which then need `image_shape`); `clip_x0`: see
+    `x0_clip`."""
     from medlsdm.diffusion.samplers import sample
 
     dcfg = model.sidecar["diffusion"]
@@ -107,8 +122,7 @@ def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, samp
             raise MedlsdmError("an unconditional model needs the output shape")
     shape = (n, *_model_shape(model, image_shape))
     generator = torch.Generator(device=model.device).manual_seed(int(seed))
-    # x0 clipping to [-1, 1] is right for pixel space and min-max latents, wrong for std-scaled ones.
-    clip = model.scaler.x0_clip if model.scaler is not None else True
+    clip = x0_clip(model, clip_x0)
     x = sample(model.denoiser, shape, cond, model.schedule, sampler=sampler, steps=steps, eta=eta,
                guidance=guidance if model.conditional else 1.0, prediction=dcfg["prediction"],
                clip_x0=clip, generator=generator, callback=callback, progress=progress)
@@ -234,7 +248,8 @@ def _preview(path: Path, array: np.ndarray, label: np.ndarray | None) -> None:
 def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str | Path, n: int = 1,
                     sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
                     eta: float = 0.0, seed: int = 0, batch_size: int = 1, device: str = "auto",
-                    save_trajectory: bool = False, progress: bool = True) -> list[Path]:
+                    save_trajectory: bool = False, progress: bool = True,
+                    clip_x0: float | None = None) -> list[Path]:
     """Generate `n` volumes per label map (or `n` in all for unconditional models) and write each
     as ``<label stem>_sample<k>.nii.gz`` on the label map's own grid and affine, in original
     intensities, plus ``<label stem>_sample<k>.png`` (label map | sample on the prepared grid)
@@ -284,7 +299,7 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
                         if save_trajectory else None)
             volumes = synthesize(model, label, n=k, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
                                  seed=_seed_for(seed, stem, start), image_shape=image_shape,
-                                 callback=callback, progress=False).float().cpu().numpy()
+                                 callback=callback, progress=False, clip_x0=clip_x0).float().cpu().numpy()
             for j in range(k):
                 name = f"{stem}_sample{start + j}"
                 write_sample(out / f"{name}.nii.gz", volumes[j], record, intensity)

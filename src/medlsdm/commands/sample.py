@@ -19,6 +19,9 @@ def register(sub) -> None:
                    help="classifier-free guidance scale w (1 = conditional only, 0 = unconditional; "
                         "the Med-LSDM reference's 1.5 equals w = 2.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
+    p.add_argument("--clip-x0", type=float,
+                   help="bound for the x0 estimates while sampling, in the model's units (std-scaled latents: "
+                        "standard deviations; default: the model's sampling.clip_x0, else the training range)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed and batch size: same output)")
     p.add_argument("--batch-size", type=int, default=1, help="samples generated together")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
@@ -31,6 +34,6 @@ def _run(args) -> int:
 
     written = sample_to_files(args.model, args.labels, args.out, n=args.n, sampler=args.sampler, steps=args.steps,
                               guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                              device=args.device, save_trajectory=args.save_trajectory)
+                              device=args.device, save_trajectory=args.save_trajectory, clip_x0=args.clip_x0)
     print(f"{len(written)} volumes written to {args.out}")
     return 0

@@ -51,7 +51,10 @@ def _defaults() -> dict:
             "cond_drop_prob": 0.1,         # classifier-free guidance: null label map with this probability
         },
         "latent": {"scaling": "std", "requantize": False},   # std | minmax (the reference's codebook range)
-        "sampling": {"sampler": "ddim", "steps": 50, "guidance": 1.0, "eta": 0.0},
+        # clip_x0: bound for the samplers' x0 estimates, in the model's data units (scaled latents:
+        # standard deviations); null = the widest sensible one (1 in pixel space and for min-max
+        # latents, the largest |scaled latent| of the training set for std scaling).
+        "sampling": {"sampler": "ddim", "steps": 50, "guidance": 1.0, "eta": 0.0, "clip_x0": None},
         # decay null: no averaging, the raw weights are exported. Before start_step the average
         # follows the raw weights (a short run exports what it trained, not its initialisation).
         "ema": {"decay": 0.995, "every_n_steps": 10, "start_step": 2000},
