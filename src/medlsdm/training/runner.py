@@ -84,10 +84,15 @@ def resolve_precision(precision: str) -> str:
 
 
 def _diff_configs(old: Mapping, new: Mapping, where: str = "") -> list[str]:
+    """The settings that differ between a saved run configuration and a new one. An option
+    missing from the old one and None in the new one (added since, at its 'as before' default)
+    is no difference, so runs made by an older version still resume."""
     out = []
     for key in sorted(set(old) | set(new)):
         name = f"{where}{key}"
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a == "<absent>" and b is None:
+            continue
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += _diff_configs(a, b, f"{name}.")
         elif a != b and not (where.endswith("trainer.") and key in RESUMABLE_KEYS):
