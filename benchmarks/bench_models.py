@@ -91,7 +91,7 @@ def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, 
         "privacy_flagged": privacy.get("fraction_flagged"),
         "dice_synthetic": None, "dice_ratio": None,
     }
-    if model.conditional:
+    if model.conditional and net is not None:
         syn_score = score(net, load_synthetic_test_cases(synthetic, cohort / "imagesTs", labels), num_classes, patch)
         d_real, d_syn = real_score["mean"]["dice"], syn_score["mean"]["dice"]
         row.update(dice_synthetic=d_syn, dice_ratio=d_syn / d_real if d_real else None,
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, help="NAME=RUN_DIR (repeat)")
     parser.add_argument("--sampling", action="append", default=[], help="NAME=SAMPLER[:STEPS] (default: the model's)")
     parser.add_argument("--n", type=int, default=2, help="samples per test label map (2: diversity is measured)")
-    parser.add_argument("--seg-epochs", type=int, default=60)
+    parser.add_argument("--seg-epochs", type=int, default=60, help="0: no segmentation test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -123,19 +123,22 @@ def main() -> None:
     models, sampling = _pairs(args.model, "--model"), _pairs(args.sampling, "--sampling")
 
     start = time.perf_counter()
-    seg = segmenter(args.cohort, args.seg_epochs, args.seed)
+    # --seg-epochs 0: no downstream segmentation (e.g. a run of unconditional models only)
+    seg = segmenter(args.cohort, args.seg_epochs, args.seed) if args.seg_epochs > 0 else (None,) * 5
     net_info, real_score = seg[1], seg[4]
     rows = [evaluate_model(name, run, sampling.get(name), args.cohort, args.out, args.n, args.seed, seg)
             for name, run in models.items()]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
-              "commit": commit, "segmenter": net_info, "dice_real": real_score["mean"]["dice"],
-              "dice_real_per_class": {c: s["dice"] for c, s in real_score["per_class"].items()},
+              "commit": commit, "segmenter": net_info,
+              "dice_real": real_score["mean"]["dice"] if real_score else None,
+              "dice_real_per_class": {c: s["dice"] for c, s in real_score["per_class"].items()} if real_score else None,
               "models": rows, "minutes": (time.perf_counter() - start) / 60}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-    print(f"machine: {result['machine']}; commit {commit}; segmenter: {net_info['steps']} steps, "
-          f"Dice on real test images {result['dice_real']:.3f}")
+    print(f"machine: {result['machine']}; commit {commit}; " + (
+        f"segmenter: {net_info['steps']} steps, Dice on real test images {result['dice_real']:.3f}"
+        if net_info else "no segmentation test"))
     print("| model | sampler | steps | s / volume | SSIM | PSNR (dB) | MS-SSIM | MMD | Dice synthetic | "
           "Dice ratio | privacy flagged |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
