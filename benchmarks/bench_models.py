@@ -74,7 +74,8 @@ def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, 
     seconds = (time.perf_counter() - start) / len(written)
     scfg = model.sidecar.get("sampling", {})
     evaluation = out / name / "evaluation"
-    quality = evaluate_quality(cohort / "imagesTs", synthetic, evaluation, labels=labels, progress=False)
+    quality = evaluate_quality(cohort / "imagesTs", synthetic, evaluation, labels=labels, progress=False,
+                               unpaired=not model.conditional)
     privacy = audit_folders(cohort / "images", synthetic, evaluation)
     build_report(evaluation)
     paired = quality["paired"]["summary"]

@@ -202,3 +202,31 @@ def test_fid2d_with_local_inception_file_and_cache(tmp_path, cohort, inception_f
     assert other["distribution"]["fid2d"]["mean"] > 1e-3
     assert len(set((out / "cache").glob("*.npz"))) == 9  # real features reused, not recomputed
     assert "inception-fid:inception.pth" in other["distribution"]["fid2d"]["features"]
+
+
+def test_unpaired_synthetic_volumes_get_distributions_and_diversity(tmp_path, cohort):
+    """Samples of an unconditional model carry no case ID: `unpaired` skips the paired metrics and
+    measures the distributions and the diversity among all synthetic volumes."""
+    from medlsdm.cli import main
+    from medlsdm.evaluation.diversity import mean_pairwise_ms_ssim
+    from medlsdm.evaluation.pairing import load_image
+
+    real, _ = cohort
+    syn = copy_as(real, tmp_path / "syn", {"sample_sample0": "c0", "sample_sample1": "c1", "sample_sample2": "c2"})
+    with pytest.raises(DataError, match="matches a case"):
+        evaluate_quality(real, syn, tmp_path / "paired", progress=False)
+    data = evaluate_quality(real, syn, tmp_path / "out", unpaired=True, progress=False)
+    assert data["paired"]["summary"] == {} and data["pairing"]["n_pairs"] == 0
+    assert data["pairing"]["unpaired_synthetic"] == ["sample_sample0", "sample_sample1", "sample_sample2"]
+    # the same three volumes on both sides: the unbiased MMD² is then at most 0
+    assert -1.0 < data["distribution"]["mmd"]["value"] <= 1e-9
+    div = data["diversity"]
+    assert div["synthetic_per_case"]["all synthetic volumes"] == pytest.approx(div["real"], rel=1e-5)
+    arrays = [load_image(f)[0] for f in scan_folder(syn).values()]
+    lo = min(float(a.min()) for a in arrays)
+    hi = max(float(a.max()) for a in arrays)
+    assert div["real"] == pytest.approx(mean_pairwise_ms_ssim(arrays, hi - lo, max_pairs=50), rel=1e-5)
+    assert (tmp_path / "out" / "figures" / "quality_samples.png").is_file()
+    assert main(["evaluate", "quality", "--real", str(real), "--synthetic", str(syn), "--out",
+                 str(tmp_path / "cli"), "--unpaired"]) == 0
+    assert "synthetic, all volumes" in (tmp_path / "cli" / "report.md").read_text(encoding="utf-8")

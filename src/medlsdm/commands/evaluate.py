@@ -50,6 +50,9 @@ def _quality_parser(kinds) -> None:
     p.add_argument("--lpips-backbone", help="torchvision VGG16/AlexNet weights for LPIPS")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 linear heads (vgg.pth / alex.pth)")
     p.add_argument("--lpips-net", choices=["vgg", "alex"], help="LPIPS backbone (default: both when found)")
+    p.add_argument("--unpaired", action="store_true",
+                   help="synthetic volumes of an unconditional model (no case IDs): distributions and "
+                        "diversity only")
     p.add_argument("--fid-slices", type=int, default=32, help="slices per axis and volume for 2D FID (default 32)")
     p.add_argument("--device", default="cpu", help="torch device for feature networks (cpu, cuda, cuda:1)")
     p.set_defaults(func=_run_quality)
@@ -108,7 +111,7 @@ def _run_quality(args: argparse.Namespace) -> int:
                             data_range=args.data_range, mask=args.mask, inception=args.inception,
                             medicalnet=args.medicalnet, lpips_backbone=args.lpips_backbone,
                             lpips_heads=args.lpips_heads, lpips_net=args.lpips_net, device=args.device,
-                            fid_slices=args.fid_slices)
+                            fid_slices=args.fid_slices, unpaired=args.unpaired)
     for name, s in data["paired"]["summary"].items():
         print(f"{name:10s} {fmt(s['mean'])} ± {fmt(s['std'])} (n={s['n']})")
     for name, reason in data["skipped"].items():

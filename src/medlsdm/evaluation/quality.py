@@ -239,12 +239,14 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
                      lpips_heads: str | os.PathLike | None = None, lpips_net: str | None = None,
                      device: str = "cpu",
                      fid_slices: int = 32, fid_axes: Sequence[str] = FID_AXES, max_pairs: int = 50,
-                     figures: bool = True,
+                     figures: bool = True, unpaired: bool = False,
                      progress: bool = True) -> dict:
     """Evaluate ``synthetic`` against ``real``; write OUT/metrics.json and figures; return the dict.
 
     ``fid_slices``: at most this many slices per axis, channel and volume enter 2D FID (evenly
     spaced; blank slices dropped), along each of ``fid_axes`` (D, H, W). ``max_pairs``: pairs drawn for each diversity estimate.
+    ``unpaired``: the synthetic volumes belong to no real case (an unconditional model): no
+    paired metrics; distributions, and diversity among all synthetic volumes.
     """
     from tqdm.auto import tqdm
 
@@ -261,7 +263,8 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
 
     real_files = scan_folder(real, "real volumes", labels)
     syn_files = scan_folder(synthetic, "synthetic volumes")
-    pairing = pair_by_case(real_files, syn_files, real, synthetic)
+    pairing = Pairing([], sorted(real_files), sorted(syn_files)) if unpaired else \
+        pair_by_case(real_files, syn_files, real, synthetic)
     if mask == "foreground":
         missing = sorted({p.case_id for p in pairing.pairs if p.real.label is None})
         if missing:
@@ -296,6 +299,10 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
                 samples.append(fake)
         if len(samples) >= 2:
             diversity_per_case[case_id] = _case_diversity(samples, dr, max_pairs)
+    if unpaired and "diversity" in names and len(syn_files) >= 2:
+        width = float(np.max(ranges[:, 1]) - np.min(ranges[:, 0])) or 1.0
+        diversity_per_case[UNPAIRED_GROUP] = _case_diversity([load_image(f)[0] for f in syn_files.values()],
+                                                             width, max_pairs)
 
     metric_keys = [k for k in (*PAIRED_METRICS, "lpips_vgg", "lpips_alex") if any(k in r for r in per_case)]
     data = {
@@ -312,7 +319,11 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
     if "diversity" in names:
         data["diversity"] = _diversity(real_files, diversity_per_case, ranges, max_pairs, explicit, skipped)
     data["skipped"] = skipped
-    data["figures"] = _quality_figures(out_dir, pairing, max_cases=4) if figures else []
+    if figures:
+        data["figures"] = _unpaired_figures(out_dir, syn_files) if unpaired else \
+            _quality_figures(out_dir, pairing, max_cases=4)
+    else:
+        data["figures"] = []
     write_json(out_dir / "metrics.json", M.json_safe(data, nonfinite="string"))
     return data
 
@@ -336,6 +347,9 @@ def _paired_row(real, fake, dr, fg, names, explicit, skipped) -> dict:
                 raise
             skipped[name] = str(exc)
     return row
+
+
+UNPAIRED_GROUP = "all synthetic volumes"   # the diversity group of unpaired (unconditional) samples
 
 
 def _case_diversity(samples: list[np.ndarray], dr: float, max_pairs: int) -> float | None:
@@ -476,6 +490,17 @@ def _quality_figures(out_dir: Path, pairing: Pairing, max_cases: int = 4, max_sa
                                                               for p in pairs[:max_samples]], [case_id])
         figs.append({"path": rel, "caption": f"Samples generated from the label map of case {case_id} (diversity)."})
     return figs
+
+
+def _unpaired_figures(out_dir: Path, syn_files: Mapping[str, VolumeFiles], max_samples: int = 6) -> list[dict]:
+    from medlsdm.evaluation.figures import save_panel_rows, volume_panel
+
+    chosen = list(syn_files.items())[:max_samples]
+    arrays = [load_image(files)[0] for _, files in chosen]
+    rel = "figures/quality_samples.png"
+    save_panel_rows(out_dir / rel, [[volume_panel(a, window=_window(a))] for a in arrays], ["synthetic"],
+                    [name for name, _ in chosen])
+    return [{"path": rel, "caption": "Synthetic volumes (unpaired: generated without a label map)."}]
 
 
 def _window(array: np.ndarray) -> tuple[float, float]:

@@ -222,7 +222,8 @@ def quality_section(data: dict, out_dir: str | os.PathLike) -> Section:
                                 "Distribution metrics (all real vs all synthetic volumes)"))
     div = data.get("diversity")
     if div:
-        rows = [[f"synthetic, samples of case {c}", v] for c, v in div.get("synthetic_per_case", {}).items()]
+        rows = [[f"synthetic, samples of case {c}" if c != "all synthetic volumes" else "synthetic, all volumes", v]
+                for c, v in div.get("synthetic_per_case", {}).items()]
         rows += [["synthetic, mean over cases", div.get("synthetic_mean")], ["real volumes", div.get("real")]]
         sec.blocks.append(Table(["diversity: mean pairwise MS-SSIM (lower = more diverse)", "value"], rows))
         if div.get("note"):
