@@ -151,3 +151,24 @@ def test_clip_x0_bounds_the_x0_estimates(runs, tmp_path, capsys):
     assert sample(runs["semantic"], tmp_path / "out", "--clip-x0", "2", labels=label_path) == 0
     assert sample(runs["semantic"], tmp_path / "bad", "--clip-x0", "-1", labels=label_path) == 2
     assert "clip-x0" in capsys.readouterr().err
+
+
+def test_unconditional_grid_falls_back_to_the_training_spacing(runs):
+    """With no spacing in the preparation spec (each case kept its own), unconditional samples
+    are written at the training cases' median voxel size recorded in the sidecar."""
+    from medlsdm.data.dataset import load_manifest
+    from medlsdm.generate import _unconditional_record
+    from medlsdm.training.diffusion import prepared_spacing
+
+    manifest = load_manifest(runs["data"])
+    first = np.asarray(manifest["cases"][0]["record"]["affine"])
+    assert prepared_spacing(manifest) == pytest.approx(np.linalg.norm(first[:3, :3], axis=0).tolist())
+    fake = {"cases": [{"split": "train", "record": {"affine": np.diag([3.0, 1.5, 1.0, 1.0]).tolist()}},
+                      {"split": "train", "record": {"affine": np.diag([5.0, 1.5, 1.0, 1.0]).tolist()}},
+                      {"split": "test", "record": {"affine": np.diag([9.0, 9.0, 9.0, 1.0]).tolist()}}]}
+    assert prepared_spacing(fake) == pytest.approx([4.0, 1.5, 1.0])
+    model = load_model(runs["uncond"])
+    model.prepare_spec["spacing"] = None
+    model.sidecar["image_spacing"] = [4.0, 1.5, 1.0]
+    affine = np.asarray(_unconditional_record(model, (16, 16, 16))["affine"])
+    assert np.linalg.norm(affine[:3, :3], axis=0) == pytest.approx([4.0, 1.5, 1.0])   # (D, H, W) columns

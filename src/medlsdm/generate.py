@@ -194,10 +194,11 @@ def _label_jobs(model: SynthesisModel, labels) -> list[tuple[str, np.ndarray, di
 
 def _unconditional_record(model: SynthesisModel, image_shape: Sequence[int]) -> dict:
     """A record for `invert_image` of a sample with no label map: the prepared grid itself, at
-    the prepared spacing, axes (D, H, W) = (S, A, R) written back as canonical RAS (X, Y, Z)."""
+    the prepared spacing (the spec's, else the training cases' median, else 1 mm), axes
+    (D, H, W) = (S, A, R) written back as canonical RAS (X, Y, Z)."""
     from medlsdm.data.preprocess import MODEL_FROM_VOXEL
 
-    spacing = model.prepare_spec.get("spacing") or [1.0, 1.0, 1.0]
+    spacing = model.prepare_spec.get("spacing") or model.sidecar.get("image_spacing") or [1.0, 1.0, 1.0]
     spacing = [float(spacing)] * 3 if np.isscalar(spacing) else [float(s) for s in spacing]
     canonical = np.diag([spacing[2], spacing[1], spacing[0], 1.0])   # (X, Y, Z) = (W, H, D)
     affine = canonical @ MODEL_FROM_VOXEL

@@ -400,8 +400,19 @@ def export_sidecar(cfg: Mapping, manifest: Mapping, in_channels: int, downsample
         "prepare_spec": manifest.get("spec", {}),
         "intensity": manifest.get("intensity"),
         "image_shape": [int(s) for s in image_shape],
+        "image_spacing": prepared_spacing(manifest),
         "steps": int(steps),
     }
+
+
+def prepared_spacing(manifest: Mapping) -> list[float] | None:
+    """Median voxel size (D, H, W) in mm of the prepared training cases (the grid unconditional
+    samples are written on when the preparation kept each case's own spacing)."""
+    from medlsdm.data.preprocess import prepared_affine
+
+    sizes = [np.linalg.norm(prepared_affine(c["record"])[:3, :3], axis=0) for c in manifest.get("cases", [])
+             if c.get("split") == "train" and "record" in c]
+    return [float(v) for v in np.median(sizes, axis=0)] if sizes else None
 
 
 def train_diffusion(data: str | Path, out: str | Path, autoencoder: str | Path | None = None,
