@@ -10,7 +10,7 @@ OUT/<name>/evaluation.
 
     .venv/bin/python benchmarks/bench_models.py --cohort COHORT --out OUT \\
         --model lsdm=RUN_DIR --model med-ddpm=RUN_DIR --model ldm-uncond=RUN_DIR \\
-        [--sampling lsdm=ddim:25] [--n 2] [--seg-epochs 60]
+        [--sampling lsdm=ddim:25:1.5] [--n 2] [--seg-epochs 60]
 
 (COHORT: `medlsdm demo-data --out COHORT`; the runs: see benchmarks/models.md.)
 """
@@ -59,16 +59,19 @@ def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, 
                    seg) -> dict:
     net, _, num_classes, patch, real_score = seg
     model = load_model(run_dir, "cpu")
-    sampler, steps = None, None
-    if sampling:
-        sampler, _, text = sampling.partition(":")
-        steps = int(text) if text else None
+    sampler, steps, guidance = None, None, None
+    if sampling:                                   # SAMPLER[:STEPS[:GUIDANCE]]
+        parts = sampling.split(":")
+        sampler = parts[0]
+        steps = int(parts[1]) if len(parts) > 1 and parts[1] else None
+        guidance = float(parts[2]) if len(parts) > 2 else None
     synthetic = out / name / "synthetic"
     labels = cohort / "labelsTs"
     n_test = len(list(labels.glob("*.nii.gz")))
     start = time.perf_counter()
     if model.conditional:
-        written = sample_to_files(run_dir, labels, synthetic, n=n, sampler=sampler, steps=steps, seed=seed)
+        written = sample_to_files(run_dir, labels, synthetic, n=n, sampler=sampler, steps=steps, guidance=guidance,
+                                  seed=seed)
     else:
         written = sample_to_files(run_dir, None, synthetic, n=n * n_test, sampler=sampler, steps=steps, seed=seed)
     seconds = (time.perf_counter() - start) / len(written)
@@ -83,7 +86,7 @@ def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, 
         "model": name, "run": run_dir, "kind": model.sidecar["denoiser"].get("kind"),
         "space": model.sidecar.get("space"),
         "sampler": sampler or scfg.get("sampler"), "steps": steps or scfg.get("steps") or model.schedule.T,
-        "guidance": scfg.get("guidance", 1.0) if model.conditional else None,
+        "guidance": (guidance or scfg.get("guidance", 1.0)) if model.conditional else None,
         "training_steps": model.sidecar.get("steps"),
         "seconds_per_volume": seconds, "n_volumes": len(written),
         "ssim": paired.get("ssim", {}).get("mean"), "psnr": paired.get("psnr", {}).get("mean"),
@@ -113,7 +116,7 @@ def main() -> None:
     parser.add_argument("--cohort", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--model", action="append", required=True, help="NAME=RUN_DIR (repeat)")
-    parser.add_argument("--sampling", action="append", default=[], help="NAME=SAMPLER[:STEPS] (default: the model's)")
+    parser.add_argument("--sampling", action="append", default=[], help="NAME=SAMPLER[:STEPS[:GUIDANCE]] (default: the model's)")
     parser.add_argument("--n", type=int, default=2, help="samples per test label map (2: diversity is measured)")
     parser.add_argument("--seg-epochs", type=int, default=60, help="0: no segmentation test")
     parser.add_argument("--seed", type=int, default=0)
@@ -140,12 +143,12 @@ def main() -> None:
     print(f"machine: {result['machine']}; commit {commit}; " + (
         f"segmenter: {net_info['steps']} steps, Dice on real test images {result['dice_real']:.3f}"
         if net_info else "no segmentation test"))
-    print("| model | sampler | steps | s / volume | SSIM | PSNR (dB) | MS-SSIM | MMD | Dice synthetic | "
+    print("| model | sampler | steps | w | s / volume | SSIM | PSNR (dB) | MS-SSIM | MMD | Dice synthetic | "
           "Dice ratio | privacy flagged |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mmd = r["mmd"].get("value") if isinstance(r["mmd"], dict) else r["mmd"]
-        print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {_fmt(r['seconds_per_volume'], 1)} | "
+        print(f"| {r['model']} | {r['sampler']} | {r['steps']} | {_fmt(r['guidance'], 1)} | {_fmt(r['seconds_per_volume'], 1)} | "
               f"{_fmt(r['ssim'])} | {_fmt(r['psnr'], 2)} | {_fmt(r['ms_ssim'])} | {_fmt(mmd, 4)} | "
               f"{_fmt(r['dice_synthetic'])} | {_fmt(r['dice_ratio'])} | {_fmt(r['privacy_flagged'], 2)} |")
 
