@@ -35,7 +35,15 @@ def test_edit_following_is_one_when_the_image_follows_and_zero_when_it_ignores()
     brighter = edit_following(label, edited, before, before + 0.1)   # away from the darker class
     assert brighter["followed"] == pytest.approx(0.1 / -1.2) and brighter["unchanged_mae"] == pytest.approx(0.1)
     halfway = edit_following(label, edited, before, np.where(label != edited, -0.2, before))
-    assert halfway["followed"] == pytest.approx(0.5)
+    assert halfway["followed"] == pytest.approx(0.5) and halfway["mean_change"] == pytest.approx(-0.6)
+
+
+def test_edit_following_has_no_fraction_when_the_classes_look_alike():
+    label, edited = _maps()
+    before = np.where(label == 1, 0.38, _image(label))          # class 1 about as bright as class 2
+    after = np.where(label != edited, -0.5, before)
+    result = edit_following(label, edited, before, after)
+    assert result["followed"] is None and result["mean_change"] == pytest.approx(-0.9)
 
 
 def test_edit_following_rejects_no_change_and_shape_mismatch():

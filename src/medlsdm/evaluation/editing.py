@@ -6,11 +6,14 @@ so that any difference between the two images comes from the edit alone. Measure
 the edit changed (on the prepared grid, images in [-1, 1]):
 
 - ``changed_before`` / ``changed_after``: mean synthetic intensity there, from the original and
-  from the edited map;
+  from the edited map, and ``mean_change`` = after - before;
 - ``target_reference``: mean intensity of the class those voxels were turned into, elsewhere in
   the image generated from the original map (what "looking like that class" means here);
 - ``followed``: (after - before) / (reference - before), the fraction of the way the changed
   voxels moved towards the new class's appearance (1: all the way, 0: the image ignored the edit);
+  None when the two appearances differ by less than ``MIN_GAP`` (a class that mixes tissues, such
+  as the demo's "CSF and other brain", can have the mean of its neighbour: then ``mean_change``
+  alone tells the story);
 - ``unchanged_mae``: mean absolute change of the image outside a one-voxel margin around the
   edit (how local the change is).
 
@@ -33,6 +36,7 @@ from medlsdm.errors import MedlsdmError
 from medlsdm.files import ensure_writable_dir, write_json
 
 RESULT_FILE = "label_edit.json"
+MIN_GAP = 0.1   # in [-1, 1] image units: 5 % of the range
 
 
 def edit_following(label: np.ndarray, edited: np.ndarray, before: np.ndarray, after: np.ndarray) -> dict:
@@ -56,8 +60,9 @@ def edit_following(label: np.ndarray, edited: np.ndarray, before: np.ndarray, af
         "target_class": target,
         "changed_before": b,
         "changed_after": a,
+        "mean_change": a - b,
         "target_reference": reference,
-        "followed": (a - b) / gap if np.isfinite(gap) and abs(gap) > 1e-6 else None,
+        "followed": (a - b) / gap if np.isfinite(gap) and abs(gap) >= MIN_GAP else None,
         "unchanged_mae": float(np.abs(after[far] - before[far]).mean()) if far.any() else None,
     }
 

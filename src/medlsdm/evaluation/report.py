@@ -305,10 +305,14 @@ def label_edit_section(data: dict, out_dir: str | os.PathLike) -> Section:
         f"{data.get('guidance')}, seed {data.get('seed')}). {data.get('changed_voxels')} voxels became class "
         f"{target_name}. Intensities on the model's grid in [-1, 1]."))
     sec.blocks.append(Table(
-        ["changed voxels, from the original map", "changed voxels, from the edited map",
-         f"class {target_name} elsewhere", "fraction of the way followed", "mean change elsewhere"],
-        [[data.get("changed_before"), data.get("changed_after"), data.get("target_reference"),
-          data.get("followed"), data.get("unchanged_mae")]], "Mean synthetic intensity"))
+        ["changed voxels, from the original map", "changed voxels, from the edited map", "change",
+         f"class {target_name} elsewhere", "fraction of the way followed", "mean |change| elsewhere"],
+        [[data.get("changed_before"), data.get("changed_after"), data.get("mean_change"),
+          data.get("target_reference"), data.get("followed"), data.get("unchanged_mae")]],
+        "Mean synthetic intensity"))
+    if data.get("followed") is None:
+        sec.blocks.append(Text(f"No 'fraction followed': class {target_name} looks on average like the voxels it "
+                               "took over (its mean differs by less than 0.1), so only the change itself is shown."))
     sec.blocks += _figures(data, out_dir)
     return sec
 
