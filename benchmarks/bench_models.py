@@ -30,7 +30,7 @@ from medlsdm.evaluation.audit import audit_folders
 from medlsdm.evaluation.pairing import scan_folder
 from medlsdm.evaluation.quality import evaluate_quality
 from medlsdm.evaluation.report import build_report
-from medlsdm.evaluation.segmentation import (SEGMENTATION_DEFAULTS, load_real_cases, load_synthetic_test_cases,
+from medlsdm.evaluation.segmentation import (load_real_cases, load_synthetic_test_cases,
                                              score, train_segmenter)
 from medlsdm.generate import load_model, sample_to_files
 

@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import time
 
-import numpy as np
 import torch
 
 from medlsdm.data.dataset import PreparedDataset

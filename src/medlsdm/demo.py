@@ -2,7 +2,8 @@
 
 cohort (medlsdm demo-data) → prepare → models (shipped demo weights, or trained here with
 --train) → synthetic volumes from the held-out label maps → quality, segmentation and privacy
-evaluation → a label-map edit sampled from the same noise → report with pictures, and a short summary with the headline numbers.
+evaluation → a label-map edit sampled from the same noise → report with pictures, and a short
+summary with the headline numbers.
 Every step is the library function behind the corresponding `medlsdm` command.
 """
 

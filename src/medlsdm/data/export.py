@@ -25,9 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from medlsdm.data.labels import find_label_table, read_label_table
 from medlsdm.data.io import VOLUME_SUFFIXES, Volume, check_same_grid, read_label_map, read_volume, volume_stem, write_nifti
-from medlsdm.data.labels import LabelTable, remap
+from medlsdm.data.labels import LabelTable, find_label_table, read_label_table, remap
 from medlsdm.errors import DataError, MedlsdmError
 from medlsdm.files import atomic_directory, write_json
 

@@ -73,11 +73,7 @@ def run_label_edit(model_dir: str | Path, label_path: str | Path, edits: Sequenc
     """Edit one label map, sample original and edited from the same noise, measure and picture it."""
     from medlsdm.data.edit import apply_edits
     from medlsdm.data.io import Volume, read_label_map, volume_stem, write_nifti
-    from medlsdm.data.preprocess import (
-        invert_label,
-        prepared_affine,
-        preprocess_label_map,
-    )
+    from medlsdm.data.preprocess import invert_label, prepared_affine, preprocess_label_map
     from medlsdm.generate import load_model, resolve_device, synthesize, write_sample
     from medlsdm.viz import label_picture, montage, save_png, three_plane
 

@@ -222,6 +222,7 @@ def quality_section(data: dict, out_dir: str | os.PathLike) -> Section:
                                 "Distribution metrics (all real vs all synthetic volumes)"))
     div = data.get("diversity")
     if div:
+        # "all synthetic volumes": quality.UNPAIRED_GROUP, the group of unconditional samples
         rows = [[f"synthetic, samples of case {c}" if c != "all synthetic volumes" else "synthetic, all volumes", v]
                 for c, v in div.get("synthetic_per_case", {}).items()]
         rows += [["synthetic, mean over cases", div.get("synthetic_mean")], ["real volumes", div.get("real")]]
