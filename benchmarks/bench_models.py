@@ -85,7 +85,8 @@ def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, 
     row = {
         "model": name, "run": run_dir, "kind": model.sidecar["denoiser"].get("kind"),
         "space": model.sidecar.get("space"),
-        "sampler": sampler or scfg.get("sampler"), "steps": steps or scfg.get("steps") or model.schedule.T,
+        "sampler": sampler or scfg.get("sampler"), "steps": steps or (model.schedule.T if (sampler or scfg.get("sampler")) == "ddpm"
+                           else scfg.get("steps") or model.schedule.T),
         "guidance": (guidance or scfg.get("guidance", 1.0)) if model.conditional else None,
         "training_steps": model.sidecar.get("steps"),
         "seconds_per_volume": seconds, "n_volumes": len(written),
