@@ -255,3 +255,30 @@ def test_ddp_two_cpu_processes_keep_codebooks_identical(data, tmp_path):
     model, sidecar = load_autoencoder(run)
     assert torch.equal(model.quantizer.codebook, cb0) and sidecar["steps"] == 3
     assert _ckpt(run)["global_step"] == 3
+
+
+def test_init_from_with_frozen_encoder_keeps_the_latents(data, tmp_path):
+    """A SPADE decoder trained after the fact on a trained encoder: encoder and codebook are
+    copied and stay fixed (same latents, so a diffusion model trained on them still fits), the
+    decoder's convolutions start from the plain decoder's, and the export is a SPADE autoencoder."""
+    from medlsdm.errors import ConfigError
+
+    assert _train(data, tmp_path / "plain", "trainer.max_steps=3") == 0
+    assert _train(data, tmp_path / "spade", "trainer.max_steps=3", "model.decoder=spade",
+                  f"init.from={tmp_path / 'plain'}", "init.freeze_encoder=true", "loss.disc_start=100") == 0
+    plain, _ = load_autoencoder(tmp_path / "plain")
+    spade, sidecar = load_autoencoder(tmp_path / "spade")
+    assert sidecar["model"]["decoder"] == "spade" and spade.decoder_kind == "spade"
+    theirs, ours = plain.state_dict(), spade.state_dict()
+    for key in theirs:
+        if key.startswith(("encoder.", "quantizer.")):
+            assert torch.equal(theirs[key], ours[key]), key
+    convs = [k for k in theirs if k.startswith("decoder.") and k in ours and ours[k].shape == theirs[k].shape]
+    assert convs and any(not torch.equal(theirs[k], ours[k]) for k in convs)   # the decoder did train
+    x = torch.randn(1, 1, 16, 16, 16)
+    assert torch.equal(plain.encode(x), spade.encode(x))
+    assert _train(data, tmp_path / "bad", "model.num_codes=16", f"init.from={tmp_path / 'plain'}") == 2
+    assert _train(data, tmp_path / "bad2", "init.freeze_encoder=true") == 2
+    with pytest.raises(ConfigError, match="needs init.from"):
+        ae.AutoencoderModule({**ae.AUTOENCODER_DEFAULTS, "init": {"from": None, "freeze_encoder": True}},
+                             in_channels=1, label_table={"0": "background", "1": "a"})

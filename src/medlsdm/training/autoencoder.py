@@ -57,6 +57,12 @@ AUTOENCODER_DEFAULTS = {
         "disc_layers": 3,
     },
     "optim": {"lr": 3e-5, "betas": [0.5, 0.9], "disc_lr": None},
+    # Start from a trained autoencoder (run dir or .safetensors): every weight whose name and shape
+    # match is copied (encoder, codebook, and the decoder's convolutions when only the decoder
+    # kind changes). freeze_encoder keeps encoder and codebook fixed, so the latents do not change
+    # and a diffusion model trained on them works with the new decoder (e.g. a SPADE decoder
+    # fine-tuned after the fact; benchmarks/models.md).
+    "init": {"from": None, "freeze_encoder": False},
     "data": {"patch_size": None, "flip": True, "val_cases": 4},
     "trainer": dict(TRAINER_DEFAULTS),
 }
@@ -78,6 +84,14 @@ class AutoencoderModule(pl.LightningModule):
         self.table = LabelTable.from_mapping(label_table)
         self.num_classes = self.table.num_classes
         self.autoencoder = VQGAN(in_channels=in_channels, num_classes=self.num_classes, **self.cfg["model"])
+        icfg = self.cfg["init"]
+        if icfg["from"]:
+            self.init_from(icfg["from"])
+        elif icfg["freeze_encoder"]:
+            raise ConfigError("init.freeze_encoder needs init.from (the autoencoder whose encoder to keep)")
+        if icfg["freeze_encoder"]:
+            for part in (self.autoencoder.encoder, self.autoencoder.quantizer):
+                part.requires_grad_(False)
         lcfg = self.cfg["loss"]
         self.disc2d, self.disc3d = build_discriminators(
             in_channels, channels=lcfg["disc_channels"], layers=lcfg["disc_layers"])
@@ -85,6 +99,41 @@ class AutoencoderModule(pl.LightningModule):
         # checkpoint or in the exported weights.
         self._lpips = [build_perceptual_loss(lcfg) if lcfg["perceptual"] > 0 else None]
         self._val_counts: torch.Tensor | None = None
+
+    # -- initialisation ---------------------------------------------------------------------
+    def init_from(self, path: str | Path) -> list[str]:
+        """Copy the weights of a trained autoencoder whose names and shapes match; the encoder
+        and codebook must match entirely. Returns the names of the weights left as initialised."""
+        source, _ = load_autoencoder(path)
+        theirs, ours = source.state_dict(), self.autoencoder.state_dict()
+        matched = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+        needed = [k for k in ours if k.startswith(("encoder.", "quantizer."))]
+        missing = [k for k in needed if k not in matched]
+        if missing:
+            raise ConfigError(f"init.from {path}: its encoder/codebook do not fit this model "
+                              f"({len(missing)} weights differ, e.g. {missing[0]}); use the same model.channels, "
+                              "downsample, latent_channels and num_codes")
+        self.autoencoder.load_state_dict(matched, strict=False)
+        fresh = [k for k in ours if k not in matched]
+        log.info("init.from %s: %d weights copied, %d new (%s)", path, len(matched), len(fresh),
+                 ", ".join(sorted({k.split(".")[0] + "." + k.split(".")[1] for k in fresh})[:6]) or "none")
+        return fresh
+
+    def _hold_frozen(self) -> None:
+        """A frozen encoder and codebook stay in eval mode: the codebook's EMA update runs only in
+        training mode. Lightning sets submodule modes itself (and restores them after
+        validation), so this runs before every training step, not only in `train`."""
+        if self.cfg["init"]["freeze_encoder"]:
+            self.autoencoder.encoder.eval()
+            self.autoencoder.quantizer.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._hold_frozen()
+        return self
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._hold_frozen()
 
     # -- helpers --------------------------------------------------------------------------
     def label_onehot(self, label: torch.Tensor) -> torch.Tensor | None:
@@ -111,12 +160,12 @@ class AutoencoderModule(pl.LightningModule):
     @torch.no_grad()
     def reconstruct(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Reconstruction in eval mode (the codebook is not touched), for previews."""
-        was_training = self.autoencoder.training
-        self.autoencoder.eval()
+        was_training = self.training
+        self.eval()
         try:
             return self.autoencoder(image, self.label_onehot(label))[0]
         finally:
-            self.autoencoder.train(was_training)
+            self.train(was_training)
 
     # -- training -------------------------------------------------------------------------
     def generator_loss(self, x: torch.Tensor, label: torch.Tensor, use_disc: bool):
@@ -215,7 +264,8 @@ class AutoencoderModule(pl.LightningModule):
     def configure_optimizers(self):
         ocfg = self.cfg["optim"]
         betas = tuple(ocfg["betas"])
-        opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=ocfg["lr"], betas=betas)
+        trainable = [p for p in self.autoencoder.parameters() if p.requires_grad]   # not a frozen encoder
+        opt_g = torch.optim.Adam(trainable, lr=ocfg["lr"], betas=betas)
         opt_d = torch.optim.Adam(list(self.disc2d.parameters()) + list(self.disc3d.parameters()),
                                  lr=ocfg["disc_lr"] or ocfg["lr"], betas=betas)
         return [opt_g, opt_d]
