@@ -20,7 +20,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data = make_dataset(root / "prepared")
     ae = train_ae(data, root / "ae")
-    out = {"data": data}
+    out = {"data": data, "ae": ae}
     for name, items, autoencoder in (("semantic", EMA_NOW, ae), ("pixel", PIXEL, None), ("uncond", UNCOND, ae)):
         assert train_dm(data, root / name, "trainer.max_steps=2", "trainer.preview_every_n_steps=0", *items,
                         autoencoder=autoencoder) == 0
@@ -172,3 +172,32 @@ def test_unconditional_grid_falls_back_to_the_training_spacing(runs):
     model.sidecar["image_spacing"] = [4.0, 1.5, 1.0]
     affine = np.asarray(_unconditional_record(model, (16, 16, 16))["affine"])
     assert np.linalg.norm(affine[:3, :3], axis=0) == pytest.approx([4.0, 1.5, 1.0])   # (D, H, W) columns
+
+
+def test_attach_decoder_gives_a_trained_run_a_spade_decoder(runs, tmp_path):
+    """A SPADE decoder trained on the run's frozen encoder replaces the plain one; the denoiser
+    is untouched and sampling now passes the label map to the decoder. An autoencoder with
+    another encoder is refused."""
+    import shutil
+
+    from diffusion_runs import AE_TINY, sets
+    from medlsdm.errors import ConfigError
+    from medlsdm.training.diffusion import attach_decoder
+
+    spade = tmp_path / "spade"
+    assert cli.main(["train", "autoencoder", "--data", str(runs["data"]), "--out", str(spade),
+                     *sets(*AE_TINY, "model.decoder=spade", "model.spade_hidden=8", f"init.from={runs['ae']}",
+                           "init.freeze_encoder=true", "trainer.max_steps=2")]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(runs["semantic"], run)
+    attach_decoder(run, spade)
+    model = load_model(run)
+    assert model.autoencoder.decoder_kind == "spade"
+    label = np.load(runs["data"] / "labels" / "case003.npy")
+    x = synthesize(model, label, n=1, steps=2, guidance=1.5, seed=3, progress=False)
+    assert x.shape == (1, 1, 16, 16, 16) and bool(x.isfinite().all())
+    other = tmp_path / "other"
+    assert cli.main(["train", "autoencoder", "--data", str(runs["data"]), "--out", str(other),
+                     *sets(*AE_TINY, "trainer.max_steps=1", "trainer.seed=7")]) == 0
+    with pytest.raises(ConfigError, match="encoder or codebook differs"):
+        attach_decoder(run, other)

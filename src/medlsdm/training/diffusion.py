@@ -337,6 +337,29 @@ def _copy_autoencoder(autoencoder: str | Path, run_dir: Path) -> Path:
     return dst
 
 
+def attach_decoder(run_dir: str | Path, autoencoder: str | Path) -> Path:
+    """Give a trained latent diffusion run a new decoder: copy in an autoencoder with the same
+    encoder and codebook (e.g. a SPADE decoder trained with ``init.freeze_encoder``), so that the
+    latents, and with them the trained denoiser, stay valid. Refused when they differ."""
+    from medlsdm.files import atomic_output
+    from medlsdm.training.autoencoder import load_autoencoder
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "autoencoder.safetensors").is_file():
+        raise MedlsdmError(f"{run_dir}: not a latent diffusion run (no autoencoder.safetensors)")
+    current, new = load_autoencoder(run_dir)[0].state_dict(), load_autoencoder(autoencoder)[0].state_dict()
+    for key, value in current.items():
+        if key.startswith(("encoder.", "quantizer.")) and not (key in new and torch.equal(new[key], value)):
+            raise ConfigError(f"{autoencoder}: its encoder or codebook differs from the one {run_dir} was trained "
+                              f"with ({key}); train the new decoder with init.from and init.freeze_encoder")
+    src = Path(autoencoder)
+    src = src / "autoencoder.safetensors" if src.is_dir() else src
+    for source, name in ((src.with_suffix(".json"), "autoencoder.json"), (src, "autoencoder.safetensors")):
+        with atomic_output(run_dir / name) as tmp:
+            shutil.copyfile(source, tmp)
+    return run_dir / "autoencoder.safetensors"
+
+
 def _check_config(cfg: Mapping, autoencoder) -> None:
     space = cfg["space"]
     if space not in ("latent", "pixel"):
