@@ -34,6 +34,9 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     assert set(summary) >= {"ssim", "psnr", "dice_real", "dice_synthetic", "dice_ratio", "privacy_flagged",
                             "edit_mean_change", "edit_followed"}
     assert (out / "evaluation" / "label_edit" / "subject_004_edited.nii.gz").is_file()
+    from medlsdm.generate import load_model
+
+    assert load_model(out / "runs" / "diffusion").autoencoder.decoder_kind == "spade"   # attached last
     assert "Label-map editing" in (out / "evaluation" / "report.md").read_text(encoding="utf-8")
     assert 0.0 <= summary["privacy_flagged"] <= 1.0
 

@@ -46,17 +46,28 @@ def _generic_view(out: Path, images: Path, labels: Path) -> Path:
     return out
 
 
-def train_demo_models(prepared: Path, runs: Path, budget_minutes: float, overrides=(), patch: int = 32) -> Path:
-    """Train both stages on the demo cohort within `budget_minutes` (split 40/60); the
-    autoencoder trains on random patches of at most `patch`^3 voxels."""
-    from medlsdm.training.autoencoder import train_autoencoder
-    from medlsdm.training.diffusion import train_diffusion
+# The demo's decoder: SPADE (it sees the label map at full resolution), trained after the
+# diffusion stage on the frozen encoder, so the latents the denoiser learned stay the same.
+SPADE_DECODER = ["model.decoder=spade", "model.spade_hidden=32", "init.freeze_encoder=true"]
 
-    ae_minutes, dm_minutes = 0.4 * budget_minutes, 0.6 * budget_minutes
+
+def train_demo_models(prepared: Path, runs: Path, budget_minutes: float, overrides=(), patch: int = 32) -> Path:
+    """Train the demo model on the demo cohort within `budget_minutes`: the autoencoder (30 %),
+    the latent diffusion model (50 %), then a SPADE decoder on the frozen encoder (20 %), which
+    replaces the plain decoder in the diffusion run. Autoencoders train on random patches of at
+    most `patch`^3 voxels."""
+    from medlsdm.training.autoencoder import train_autoencoder
+    from medlsdm.training.diffusion import attach_decoder, train_diffusion
+
+    patches = f"data.patch_size=[{patch}, {patch}, {patch}]"
     train_autoencoder(prepared, runs / "autoencoder", "demo",
-                      [f"trainer.max_minutes={ae_minutes}", f"data.patch_size=[{patch}, {patch}, {patch}]", *overrides])
+                      [f"trainer.max_minutes={0.3 * budget_minutes}", patches, *overrides])
     train_diffusion(prepared, runs / "diffusion", runs / "autoencoder", "demo",
-                    [f"trainer.max_minutes={dm_minutes}", *overrides])
+                    [f"trainer.max_minutes={0.5 * budget_minutes}", *overrides])
+    train_autoencoder(prepared, runs / "decoder_spade", "demo",
+                      [f"trainer.max_minutes={0.2 * budget_minutes}", patches, *SPADE_DECODER,
+                       f"init.from={runs / 'autoencoder'}", *overrides])
+    attach_decoder(runs / "diffusion", runs / "decoder_spade")
     return runs / "diffusion"
 
 
