@@ -190,7 +190,7 @@ def test_attach_decoder_gives_a_trained_run_a_spade_decoder(runs, tmp_path):
                            "init.freeze_encoder=true", "trainer.max_steps=2")]) == 0
     run = tmp_path / "run"
     shutil.copytree(runs["semantic"], run)
-    attach_decoder(run, spade)
+    assert cli.main(["train", "attach-decoder", "--model", str(run), "--autoencoder", str(spade)]) == 0
     model = load_model(run)
     assert model.autoencoder.decoder_kind == "spade"
     label = np.load(runs["data"] / "labels" / "case003.npy")
@@ -201,3 +201,4 @@ def test_attach_decoder_gives_a_trained_run_a_spade_decoder(runs, tmp_path):
                      *sets(*AE_TINY, "trainer.max_steps=1", "trainer.seed=7")]) == 0
     with pytest.raises(ConfigError, match="encoder or codebook differs"):
         attach_decoder(run, other)
+    assert cli.main(["train", "attach-decoder", "--model", str(run), "--autoencoder", str(other)]) == 2

@@ -1,4 +1,5 @@
-"""`medlsdm train autoencoder|diffusion`: train (or resume) one stage into a run directory."""
+"""`medlsdm train autoencoder|diffusion`: train (or resume) one stage into a run directory;
+`medlsdm train attach-decoder`: give a trained diffusion run a decoder trained on its frozen encoder."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def register(sub) -> None:
     dm.add_argument("--autoencoder", help="stage-1 run directory (latent models only)")
     dm.set_defaults(func=_run_diffusion)
 
+    attach = stages.add_parser(
+        "attach-decoder", help="swap a decoder trained on the frozen encoder into a diffusion run",
+        description="Copy an autoencoder whose encoder and codebook are those of a latent diffusion run "
+                    "(trained with --set init.from=AE_RUN --set init.freeze_encoder=true, e.g. a SPADE "
+                    "decoder) into that run: the latents, and so the trained denoiser, stay valid. "
+                    "Refused when the encoder or codebook differ.")
+    attach.add_argument("--model", required=True, help="latent diffusion run directory")
+    attach.add_argument("--autoencoder", required=True, help="the stage-1 run with the new decoder")
+    attach.set_defaults(func=_run_attach)
+
 
 def _quiet_lightning_duplicates() -> None:
     # Lightning prints through its own handler; propagating to the root handler set up by the
@@ -65,4 +76,11 @@ def _run_diffusion(args) -> int:
     _quiet_lightning_duplicates()
     weights = train_diffusion(args.data, args.out, args.autoencoder, args.config, args.overrides)
     print(f"diffusion weights: {weights}")
+    return 0
+
+
+def _run_attach(args) -> int:
+    from medlsdm.training.diffusion import attach_decoder
+
+    print(f"autoencoder of {args.model}: {attach_decoder(args.model, args.autoencoder)}")
     return 0
