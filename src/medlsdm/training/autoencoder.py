@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -122,15 +121,10 @@ class AutoencoderModule(pl.LightningModule):
     def _hold_frozen(self) -> None:
         """A frozen encoder and codebook stay in eval mode: the codebook's EMA update runs only in
         training mode. Lightning sets submodule modes itself (and restores them after
-        validation), so this runs before every training step, not only in `train`."""
+        validation), so this runs before every training step."""
         if self.cfg["init"]["freeze_encoder"]:
             self.autoencoder.encoder.eval()
             self.autoencoder.quantizer.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._hold_frozen()
-        return self
 
     def on_train_batch_start(self, batch, batch_idx):
         self._hold_frozen()
@@ -457,7 +451,7 @@ def _export(run_dir: Path, module: AutoencoderModule, data, manifest: Mapping, c
 def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping | None = None,
                       overrides=()) -> Path:
     """Train (or resume) stage 1 on a prepared dataset; returns the exported weights path."""
-    from medlsdm.training.runner import build_trainer, prepare_run_dir
+    from medlsdm.training.runner import build_trainer, fit, prepare_run_dir
 
     cfg = stage_config(AUTOENCODER_DEFAULTS, config, overrides, section="autoencoder")
     if cfg["model"]["decoder"] not in ("plain", "spade"):
@@ -470,19 +464,9 @@ def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping |
     previews = PreviewCallback(run_dir / "previews", preview, cfg["trainer"]["preview_every_n_steps"])
     trainer = build_trainer(run_dir, cfg["trainer"], callbacks=[previews],
                             monitor="val/l1" if val_loader is not None else None, find_unused_parameters=True)
-    if resume:
-        log.info("resuming from %s", resume)
-    with warnings.catch_warnings():
-        # Lightning warns that a periodic checkpoint of a manually optimised module holds the
-        # state after the step: that is the state to resume from.
-        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-        # On resume: the checkpoint folder is ours, and training is counted in steps over a
-        # reshuffled loader, so restarting the loader mid-epoch is expected.
-        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        # weights_only: a checkpoint is data, never code (our own states are tensors and plain types).
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None,
-                    weights_only=True)
+    # Lightning warns that a periodic checkpoint of a manually optimised module holds the state
+    # after the step: that is the state to resume from.
+    fit(trainer, module, train_loader, val_loader, resume, ignore=["Using ModelCheckpoint with manual optimization"])
     weights = run_dir / "autoencoder.safetensors"
     if trainer.is_global_zero:
         _export(run_dir, module, data, manifest, cfg, trainer.global_step)

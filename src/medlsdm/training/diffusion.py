@@ -17,7 +17,6 @@ import copy
 import hashlib
 import logging
 import shutil
-import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -446,7 +445,7 @@ def train_diffusion(data: str | Path, out: str | Path, autoencoder: str | Path |
     `medlsdm sample --model RUN_DIR` needs nothing else.
     """
     from medlsdm.data.dataset import PreparedDataset, load_manifest
-    from medlsdm.training.runner import build_trainer, prepare_run_dir
+    from medlsdm.training.runner import build_trainer, fit, prepare_run_dir
     from medlsdm.weights import save_weights
 
     cfg = stage_config(_defaults(), config, overrides, section="diffusion")
@@ -478,16 +477,7 @@ def train_diffusion(data: str | Path, out: str | Path, autoencoder: str | Path |
     trainer = build_trainer(run_dir, tcfg, callbacks=[c for c in (ema, previews) if c is not None],
                             gradient_clip_val=tcfg["gradient_clip"],
                             accumulate_grad_batches=tcfg["accumulate_grad_batches"])
-    if resume:
-        log.info("resuming from %s", resume)
-    with warnings.catch_warnings():
-        # On resume: the checkpoint folder is ours, and training is counted in steps over a
-        # reshuffled loader, so restarting the loader mid-epoch is expected.
-        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        warnings.filterwarnings("ignore", message=".*does not have many workers")
-        # weights_only: a checkpoint is data, never code.
-        trainer.fit(module, loader, ckpt_path=str(resume) if resume else None, weights_only=True)
+    fit(trainer, module, loader, resume=resume, ignore=[".*does not have many workers"])
     weights = run_dir / "diffusion.safetensors"
     if trainer.is_global_zero:
         source = ema.averaged_module(module) if ema is not None else module

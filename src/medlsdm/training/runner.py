@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import random
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -237,6 +238,20 @@ def _strategy(tcfg: Mapping, find_unused_parameters: bool):
 
         return DDPStrategy(start_method=start_methods[strategy], find_unused_parameters=True)
     return strategy
+
+
+def fit(trainer, module, train_loader, val_loader=None, resume: Path | None = None, ignore: Iterable[str] = ()) -> None:
+    """`trainer.fit`, resuming from `resume` when given, without the warnings a resumed run of
+    ours always raises (plus the messages in `ignore`): the checkpoint folder is ours, and
+    training is counted in steps over a reshuffled loader, so restarting it mid-epoch is expected."""
+    if resume:
+        log.info("resuming from %s", resume)
+    with warnings.catch_warnings():
+        for message in ("Checkpoint directory .* exists and is not empty",
+                        "You're resuming from a checkpoint that ended before the epoch", *ignore):
+            warnings.filterwarnings("ignore", message=message)
+        # weights_only: a checkpoint is data, never code (our own states are tensors and plain types).
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None, weights_only=True)
 
 
 def build_trainer(run_dir: Path, tcfg: Mapping, callbacks: Iterable = (), monitor: str | None = None,
