@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from medlsdm.generate import _model_shape, load_model
+from medlsdm.inference import load_model
+from medlsdm.inference.synthesis import model_shape as _model_shape
 from medlsdm.models import denoisers
 
 PATHS = {"slice path": denoisers.Conv3d.forward, "nn.Conv3d": torch.nn.Conv3d.forward}

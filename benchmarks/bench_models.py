@@ -32,7 +32,7 @@ from medlsdm.evaluation.quality import evaluate_quality
 from medlsdm.evaluation.report import build_report
 from medlsdm.evaluation.segmentation import (load_real_cases, load_synthetic_test_cases,
                                              score, train_segmenter)
-from medlsdm.generate import load_model, sample_to_files
+from medlsdm.inference import load_model, sample_to_files
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:

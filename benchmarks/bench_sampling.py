@@ -21,7 +21,7 @@ import torch
 
 from medlsdm.data.dataset import PreparedDataset
 from medlsdm.evaluation.metrics import psnr, ssim3d
-from medlsdm.generate import load_model, synthesize, x0_clip
+from medlsdm.inference import load_model, synthesize, x0_clip
 
 
 def run(model, cases, sampler, steps, guidance, seed=0, eta=0.0, clip=None):

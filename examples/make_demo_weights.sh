@@ -25,3 +25,7 @@ for name in ("autoencoder", "diffusion"):
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
     save_file(state, path, metadata={"format": "pt"})
 PY
+# The training geometry, per-class statistics and label scheme in diffusion.json, which
+# `medlsdm sample` uses to put label maps of any grid where the model has seen data, are written
+# by `train diffusion`; the shipped sidecar predates them and had them added from the prepared
+# cohort with medlsdm.data.statistics.training_summary (the same 16 training cases).

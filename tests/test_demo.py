@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     assert set(summary) >= {"ssim", "psnr", "dice_real", "dice_synthetic", "dice_ratio", "privacy_flagged",
                             "edit_mean_change", "edit_followed"}
     assert (out / "evaluation" / "label_edit" / "subject_004_edited.nii.gz").is_file()
-    from medlsdm.generate import load_model
+    from medlsdm.inference import load_model
 
     assert load_model(out / "runs" / "diffusion").autoencoder.decoder_kind == "spade"   # attached last
     assert "Label-map editing" in (out / "evaluation" / "report.md").read_text(encoding="utf-8")
@@ -45,7 +45,7 @@ def test_shipped_demo_model_samples_on_the_label_maps_grid(tmp_path):
     """The model shipped in the package loads (float16 file, float32 model) and generates."""
     from medlsdm.data.demo import write_demo_cohort
     from medlsdm.demo import shipped_model_dir
-    from medlsdm.generate import sample_to_files
+    from medlsdm.inference import sample_to_files
 
     model = shipped_model_dir()
     assert model is not None

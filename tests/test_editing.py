@@ -58,7 +58,7 @@ def test_label_edit_showcase_on_the_shipped_model(tmp_path):
     """Edit a demo label map, sample both from the same noise, write files, figure and report."""
     from medlsdm.data.demo import write_demo_cohort
     from medlsdm.demo import SHOWCASE_EDIT, shipped_model_dir
-    from medlsdm.evaluation.editing import run_label_edit
+    from medlsdm.demo import run_label_edit
     from medlsdm.evaluation.report import build_report
     from medlsdm.files import read_json
 
@@ -85,7 +85,7 @@ def test_label_edit_showcase_on_the_shipped_model(tmp_path):
 def test_label_edit_needs_a_conditional_model_and_a_real_change(tmp_path):
     from medlsdm.data.demo import write_demo_cohort
     from medlsdm.demo import shipped_model_dir
-    from medlsdm.evaluation.editing import run_label_edit
+    from medlsdm.demo import run_label_edit
 
     cohort = write_demo_cohort(tmp_path / "cohort", n_subjects=2, n_test=1, shape=24, spacing=8.0, progress=False)
     label_path = cohort / "labelsTs" / "subject_001.nii.gz"

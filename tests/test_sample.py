@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from diffusion_runs import EMA_NOW, INTENSITY, PIXEL, UNCOND, make_dataset, train_ae, train_dm
 from medlsdm import cli
-from medlsdm.generate import load_model, synthesize
+from medlsdm.inference import load_model, synthesize
 
 LO, HI = INTENSITY["channels"][0]["lo"], INTENSITY["channels"][0]["hi"]
 
@@ -59,7 +59,7 @@ def test_semantic_sample_on_label_grid_with_trajectory(runs, tmp_path):
                   "--save-trajectory", labels=label) == 0
     assert sorted(p.name for p in out.iterdir()) == ["case_a_sample0.nii.gz", "case_a_sample0.png",
                                                       "case_a_sample0_trajectory.gif", "case_a_sample1.nii.gz",
-                                                      "case_a_sample1.png"]
+                                                      "case_a_sample1.png", "sampling_report.json"]
     reference = nib.load(str(label))
     for k in (0, 1):
         array, affine = load(out / f"case_a_sample{k}.nii.gz")
@@ -93,7 +93,7 @@ def test_unknown_class_and_missing_labels_are_clear_errors(runs, tmp_path, capsy
     label = write_label_map(tmp_path / "bad.nii.gz", values=(0, 1, 7))
     assert sample(runs["semantic"], tmp_path / "out", labels=label) == 2
     err = capsys.readouterr().err
-    assert "bad.nii.gz" in err and "[7]" in err and "not classes this model knows" in err
+    assert "bad.nii.gz" in err and "[7]" in err and "not classes of this model" in err and "--label-map" in err
     assert not list(tmp_path.glob("out/*.nii.gz"))   # checked before anything is written
     assert sample(runs["semantic"], tmp_path / "out") == 2
     assert "give --labels" in capsys.readouterr().err
@@ -133,7 +133,7 @@ def test_clip_x0_bounds_the_x0_estimates(runs, tmp_path, capsys):
     """A given bound reaches the sampler (pixel space: the last DDIM step returns the clipped x0
     estimate); the default comes from the sidecar's sampling.clip_x0, else the data range."""
     from medlsdm.errors import MedlsdmError
-    from medlsdm.generate import x0_clip
+    from medlsdm.inference import x0_clip
 
     model = load_model(runs["pixel"])
     label = np.load(runs["data"] / "labels" / "case003.npy")
@@ -157,7 +157,7 @@ def test_unconditional_grid_falls_back_to_the_training_spacing(runs):
     """With no spacing in the preparation spec (each case kept its own), unconditional samples
     are written at the training cases' median voxel size recorded in the sidecar."""
     from medlsdm.data.dataset import load_manifest
-    from medlsdm.generate import _unconditional_record
+    from medlsdm.inference.pipeline import unconditional_record as _unconditional_record
     from medlsdm.training.diffusion import prepared_spacing
 
     manifest = load_manifest(runs["data"])
@@ -169,6 +169,7 @@ def test_unconditional_grid_falls_back_to_the_training_spacing(runs):
     assert prepared_spacing(fake) == pytest.approx([4.0, 1.5, 1.0])
     model = load_model(runs["uncond"])
     model.prepare_spec["spacing"] = None
+    model.sidecar.pop("training_geometry")   # a run from before the training geometry was recorded
     model.sidecar["image_spacing"] = [4.0, 1.5, 1.0]
     affine = np.asarray(_unconditional_record(model, (16, 16, 16))["affine"])
     assert np.linalg.norm(affine[:3, :3], axis=0) == pytest.approx([4.0, 1.5, 1.0])   # (D, H, W) columns

@@ -14,7 +14,7 @@ import torch
 from medlsdm import cli
 from medlsdm.models import perceptual
 from medlsdm.training import autoencoder as ae
-from medlsdm.training.autoencoder import load_autoencoder
+from medlsdm.inference import load_autoencoder
 from prepared_data import make_prepared_dataset
 
 # 16^3 volumes, latent 4^3 with 32 codes; discriminators with 2 layers fit 16 voxels (need 12).

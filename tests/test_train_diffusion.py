@@ -79,7 +79,7 @@ def test_latent_semantic_run_dir_cache_ema_and_eval_autoencoder(data, ae_run, tm
     from safetensors.torch import load_file
 
     from medlsdm.data.dataset import PreparedDataset
-    from medlsdm.training.autoencoder import load_autoencoder
+    from medlsdm.inference import load_autoencoder
 
     cache = load_file(str(run / "latents_train.safetensors"))
     assert sorted(cache) == sorted(f"case00{i}{s}" for i in range(3) for s in ("", ":flip"))

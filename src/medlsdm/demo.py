@@ -80,11 +80,10 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
     from medlsdm.data.demo import write_demo_cohort
     from medlsdm.data.prepare import prepare_dataset
     from medlsdm.evaluation.audit import audit_folders
-    from medlsdm.evaluation.editing import run_label_edit
     from medlsdm.evaluation.quality import evaluate_quality
     from medlsdm.evaluation.report import build_report
     from medlsdm.evaluation.segmentation import evaluate_segmentation
-    from medlsdm.generate import sample_to_files
+    from medlsdm.inference import sample_to_files
 
     out = ensure_writable_dir(out)
     n = 7
@@ -132,6 +131,17 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
     summary = headline(quality, segmentation, privacy, edit)
     summary["report"] = str(evaluation / "report.html")
     return summary
+
+
+def run_label_edit(model_dir: str | Path, label_path: str | Path, edits, out: str | Path, seed: int = 0,
+                   steps: int | None = None, progress: bool = True, **sampling) -> dict:
+    """Edit one label map, sample original and edited from the same noise
+    (`medlsdm.inference.editing`), then measure and picture the pair (`medlsdm.evaluation.editing`)."""
+    from medlsdm.evaluation.editing import label_edit_result
+    from medlsdm.inference.editing import sample_label_edit
+
+    pair = sample_label_edit(model_dir, label_path, edits, out, seed=seed, steps=steps, progress=progress, **sampling)
+    return label_edit_result(pair, edits, out)
 
 
 def headline(quality: dict, segmentation: dict, privacy: dict, edit: dict | None = None) -> dict:

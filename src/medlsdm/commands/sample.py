@@ -7,10 +7,24 @@ def register(sub) -> None:
     p = sub.add_parser(
         "sample", help="generate volumes from label maps with a trained model",
         description=("Generate synthetic volumes. Label maps are read in their original files on any grid, "
-                     "prepared with the model's stored preprocessing, and every output is written back on the "
-                     "label map's own grid and affine, as <label stem>_sample<k>.nii.gz plus a PNG preview."))
+                     "mapped onto the model's classes, resampled to the voxel size the model was trained at, and "
+                     "generated on a window that covers the whole labelled foreground; every output is written "
+                     "back on the label map's own grid and affine, as <case ID>_sample<k>.nii.gz plus a PNG "
+                     "preview, and sampling_report.json says what was done to each map."))
     p.add_argument("--model", required=True, help="diffusion run directory (or its diffusion.safetensors)")
-    p.add_argument("--labels", help="a label map file or a folder of them (not for unconditional models)")
+    p.add_argument("--labels", help="a label map file, a folder of them, or a dataset root in any layout `prepare` "
+                                    "reads (not for unconditional models)")
+    p.add_argument("--layout", default="auto",
+                   help="layout of a dataset root given as --labels (auto, generic, nnunet, brats, autopet, ...)")
+    p.add_argument("--label-map", metavar="OLD=NEW,...|FILE",
+                   help="map another label scheme's values onto the model's classes (e.g. 4=3,5=1, or a "
+                        "JSON/YAML file {old: new}); values not listed keep their value")
+    p.add_argument("--crop", action="store_true",
+                   help="keep the training window even where the labelled foreground is larger (it is cut, "
+                        "with a warning); default: a larger window that covers it")
+    p.add_argument("--tile", action="store_true",
+                   help="generate windows larger than the training window in overlapping tiles of it, "
+                        "blended at every step (default: the whole window at once)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=1, help="samples per label map (unconditional: samples in all)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the model's (ddim)")
@@ -30,10 +44,11 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from medlsdm.generate import sample_to_files
+    from medlsdm.inference import sample_to_files
 
     written = sample_to_files(args.model, args.labels, args.out, n=args.n, sampler=args.sampler, steps=args.steps,
                               guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                              device=args.device, save_trajectory=args.save_trajectory, clip_x0=args.clip_x0)
+                              device=args.device, save_trajectory=args.save_trajectory, clip_x0=args.clip_x0,
+                              layout=args.layout, label_map=args.label_map, crop=args.crop, tile=args.tile)
     print(f"{len(written)} volumes written to {args.out}")
     return 0

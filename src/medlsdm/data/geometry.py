@@ -80,6 +80,32 @@ def resampled_grid(
     return _corner_aligned(affine, new), new_shape
 
 
+def aligned_grid(
+    affine: np.ndarray, shape: Sequence[int], directions: np.ndarray, new_spacing: Sequence[float]
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Grid with the given direction cosines (3x3, columns = voxel axes) and `new_spacing` that
+    covers the whole extent of (`affine`, `shape`): an oblique label map resampled onto the axes a
+    model was trained on. With the source's own directions this is `resampled_grid` (same grid)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    directions = np.asarray(directions, dtype=np.float64)
+    new = np.asarray(new_spacing, dtype=np.float64)
+    if np.allclose(affine[:3, :3] / _spacing(affine), directions, atol=1e-4):
+        return resampled_grid(affine, shape, new)
+    # Outer corners of the source volume (indices -0.5 and n - 0.5) in world mm, then in the new
+    # axes' coordinates: their bounding box is the region the new grid must cover.
+    n = np.asarray(shape[-3:], dtype=np.float64)
+    corners = np.array([[a, b, c] for a in (-0.5, n[0] - 0.5) for b in (-0.5, n[1] - 0.5)
+                        for c in (-0.5, n[2] - 0.5)])
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    local = world @ directions                          # coordinates along each new axis, in mm
+    lo, hi = local.min(axis=0), local.max(axis=0)
+    new_shape = tuple(max(1, int(np.ceil((h - l) / s - 1e-6))) for l, h, s in zip(lo, hi, new))
+    out = np.eye(4)
+    out[:3, :3] = directions * new
+    out[:3, 3] = directions @ (lo + new / 2.0)          # centre of the first voxel
+    return out, new_shape
+
+
 def resized_grid(affine: np.ndarray, shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray:
     """Affine of a grid of exactly `new_shape` voxels covering the same extent as (`affine`, `shape`)."""
     new_spacing = _spacing(affine) * np.asarray(shape[-3:], dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)

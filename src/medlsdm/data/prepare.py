@@ -270,6 +270,11 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
                      {str(k): v for k, v in spec["label_mapping"].items()}},
             "intensity": intensity_summary(train_records),
             "layout": found.layout, "source": str(root.resolve()),
+            # How label files became the prepared classes, for sampling from such files later.
+            "label_scheme": {"source_table": None if raw_table is None else raw_table.to_json(),
+                             "mapping": None if spec["label_mapping"] is None else
+                             {str(k): v for k, v in spec["label_mapping"].items()},
+                             "brain_label": brain},
             "split": {**cfg["split"], "cases": {s: sum(c["split"] == s for c in cases) for s in SPLITS},
                       "subjects": {s: len({c["subject_id"] for c in cases if c["split"] == s}) for s in SPLITS}},
             "skipped": skipped,

@@ -13,11 +13,13 @@ in model layout -> transpose -> `from_canonical`; without resampling it is exact
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from medlsdm.data.geometry import from_canonical, resample_to_grid, resampled_grid, resized_grid, to_canonical
+from medlsdm.data.geometry import (aligned_grid, from_canonical, resample_to_grid, resampled_grid, resized_grid,
+                                    to_canonical)
 from medlsdm.data.io import Volume, check_same_grid
 from medlsdm.data.labels import LabelTable, remap, validate_label_map
 from medlsdm.errors import ConfigError, DataError
@@ -146,11 +148,40 @@ def _crop_start(label: np.ndarray, shape: Sequence[int], source: str) -> tuple[l
     return start, bool(clipped)
 
 
-def _plan_geometry(label_model: np.ndarray, model_affine: np.ndarray, spec: dict, source: str) -> dict:
+@dataclass(frozen=True)
+class SamplingGrid:
+    """Where a label map given at sampling time is put for a model (see `preprocess_label_map`).
+
+    ``spacing`` (D, H, W) mm and ``directions`` (3x3 direction cosines in model layout, None to
+    keep the map's own) are the training data's; ``shape`` is the training window. With
+    ``cover``, a foreground larger than ``shape`` gets a larger window (a multiple of
+    ``multiple`` voxels per axis) instead of being cut."""
+
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    directions: tuple[tuple[float, ...], ...] | None = None
+    cover: bool = True
+    multiple: tuple[int, int, int] = (1, 1, 1)
+
+
+def _covering_shape(label: np.ndarray, shape: Sequence[int], multiple: Sequence[int]) -> tuple[int, ...]:
+    """`shape`, grown per axis (to a multiple of `multiple`) where the foreground's bounding box
+    is larger."""
+    foreground = np.argwhere(label > 0)
+    if foreground.size == 0:
+        return tuple(int(s) for s in shape)
+    extent = foreground.max(axis=0) - foreground.min(axis=0) + 1
+    return tuple(int(n) if e <= n else int(-(-e // m) * m) for e, n, m in zip(extent, shape, multiple))
+
+
+def _plan_geometry(label_model: np.ndarray, model_affine: np.ndarray, spec: dict, source: str,
+                   grid: SamplingGrid | None = None) -> dict:
     """Target grid (resampled affine/shape) and crop start, from the label map in model layout."""
     shape = tuple(label_model.shape)
     if spec["shape_mode"] == "resize" and spec["shape"] is not None:
         grid_affine, grid_shape = resized_grid(model_affine, shape, spec["shape"]), tuple(spec["shape"])
+    elif grid is not None and grid.directions is not None:
+        grid_affine, grid_shape = aligned_grid(model_affine, shape, np.asarray(grid.directions), spec["spacing"])
     elif spec["spacing"] is not None:
         grid_affine, grid_shape = resampled_grid(model_affine, shape, spec["spacing"])
     else:
@@ -160,8 +191,11 @@ def _plan_geometry(label_model: np.ndarray, model_affine: np.ndarray, spec: dict
         grid_affine = model_affine
     grid_label = resample_to_grid(label_model, model_affine, grid_affine, grid_shape, order=0) if resampled else label_model
     if spec["shape"] is not None and spec["shape_mode"] == "crop_pad":
-        start, clipped = _crop_start(grid_label, spec["shape"], source)
-        out_shape = tuple(spec["shape"])
+        window = tuple(spec["shape"])
+        if grid is not None and grid.cover:
+            window = _covering_shape(grid_label, window, grid.multiple)
+        start, clipped = _crop_start(grid_label, window, source)
+        out_shape = window
     else:
         start, clipped, out_shape = [0, 0, 0], False, grid_shape
     prepared = grid_affine.copy()
@@ -180,10 +214,10 @@ def _plan_geometry(label_model: np.ndarray, model_affine: np.ndarray, spec: dict
     }
 
 
-def _geometry_record(label: Volume, spec: dict) -> tuple[dict, np.ndarray]:
+def _geometry_record(label: Volume, spec: dict, grid: SamplingGrid | None = None) -> tuple[dict, np.ndarray]:
     """Reorient/resample/crop the label map; returns the geometry record and the prepared map."""
     label_model, model_affine, ornt = to_model_layout(np.asarray(label.array), label.affine)
-    plan = _plan_geometry(label_model, model_affine, spec, str(label.path))
+    plan = _plan_geometry(label_model, model_affine, spec, str(label.path), grid)
     grid_label = plan.pop("_grid_label")
     plan.pop("_grid_affine")
     record = {
@@ -299,18 +333,25 @@ def preprocess_case(image: Volume, label: Volume, spec: Mapping, table: LabelTab
     return prepared_image, _finish_label(prepared_label, table, source), record
 
 
-def preprocess_label_map(label: Volume, spec: Mapping, table: LabelTable | None = None) -> tuple[np.ndarray, dict]:
+def preprocess_label_map(label: Volume, spec: Mapping, table: LabelTable | None = None,
+                         grid: SamplingGrid | None = None) -> tuple[np.ndarray, dict]:
     """Label map alone (sampling): the same geometry; the record has no normalisation.
 
     Label maps given at sampling time may already hold prepared values, so `label_mapping` is
     applied only when the spec has one and every value present is one of its keys (raw values);
     otherwise the map is used as it is (and `invert_label` leaves its values alone too).
+    `grid` (a `SamplingGrid`): resample to the training spacing (and axes) and cover the whole
+    foreground; its spacing replaces the spec's.
     """
     spec = resolve_spec(spec)
+    if grid is not None and spec["shape_mode"] == "crop_pad":
+        spec = {**spec, "spacing": [float(s) for s in grid.spacing], "shape": [int(s) for s in grid.shape]}
+    elif grid is not None:
+        grid = None   # resize: the spec's own rule (whole extent to `shape`) is the training geometry
     if np.asarray(label.array).ndim != 3:
         raise DataError(f"{label.path}: a label map must be 3D, got shape {np.asarray(label.array).shape}")
     source = str(label.path)
-    record, prepared = _geometry_record(label, spec)
+    record, prepared = _geometry_record(label, spec, grid)
     prepared, record["label_mapping"] = _apply_mapping(prepared, spec, source, only_if_all_keys=True)
     record["normalisation"] = None
     return _finish_label(prepared, table, source), record

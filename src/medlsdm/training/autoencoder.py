@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from medlsdm.config import stage_config
 from medlsdm.data.labels import LabelTable, one_hot
 from medlsdm.errors import ConfigError, MedlsdmError
+from medlsdm.inference.model import load_autoencoder
 from medlsdm.training.runner import TRAINER_DEFAULTS, check_finite
 
 log = logging.getLogger(__name__)
@@ -472,24 +473,3 @@ def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping |
         _export(run_dir, module, data, manifest, cfg, trainer.global_step)
         log.info("autoencoder trained for %d steps: %s", trainer.global_step, weights)
     return weights
-
-
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
-    """An exported autoencoder (run directory or .safetensors file) in eval mode, with its sidecar."""
-    from medlsdm.models.autoencoder import VQGAN
-    from medlsdm.weights import load_weights
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "autoencoder.safetensors"
-    state, sidecar = load_weights(path)
-    if sidecar.get("kind") != "autoencoder":
-        raise MedlsdmError(f"{path}: not autoencoder weights (kind {sidecar.get('kind')!r})")
-    table = LabelTable.from_mapping(sidecar["label_table"])
-    model = VQGAN(in_channels=sidecar["in_channels"], num_classes=table.num_classes, **sidecar["model"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise MedlsdmError(f"{path}: weights do not match the configuration in its sidecar "
-                           f"({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval().requires_grad_(False), sidecar

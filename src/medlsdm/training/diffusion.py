@@ -265,7 +265,8 @@ class DiffusionPreview(pl.Callback):
     @torch.no_grad()
     def make(self, module: DiffusionModule) -> np.ndarray:
         """(C, D, H, W) sample in [-1, 1] for the preview label map."""
-        from medlsdm.generate import SynthesisModel, synthesize
+        from medlsdm.inference.model import SynthesisModel
+        from medlsdm.inference.synthesis import synthesize
 
         source = self.ema.averaged_module(module) if self.ema is not None and self.ema.started else module
         denoiser = source.denoiser
@@ -341,7 +342,7 @@ def attach_decoder(run_dir: str | Path, autoencoder: str | Path) -> Path:
     encoder and codebook (e.g. a SPADE decoder trained with ``init.freeze_encoder``), so that the
     latents, and with them the trained denoiser, stay valid. Refused when they differ."""
     from medlsdm.files import atomic_output
-    from medlsdm.training.autoencoder import load_autoencoder
+    from medlsdm.inference.model import load_autoencoder
 
     run_dir = Path(run_dir)
     if not (run_dir / "autoencoder.safetensors").is_file():
@@ -379,7 +380,7 @@ def _check_config(cfg: Mapping, autoencoder) -> None:
 def _latent_setup(cfg: Mapping, data, manifest: Mapping, autoencoder, run_dir: Path):
     """(train set, in_channels, downsample, scaler state, autoencoder) for a latent model."""
     from medlsdm.diffusion.scaling import LatentScaler
-    from medlsdm.training.autoencoder import load_autoencoder
+    from medlsdm.inference.model import load_autoencoder
 
     ae_path = _copy_autoencoder(autoencoder, run_dir)
     ae, ae_sidecar = load_autoencoder(ae_path)
@@ -404,9 +405,14 @@ def _latent_setup(cfg: Mapping, data, manifest: Mapping, autoencoder, run_dir: P
 
 
 def export_sidecar(cfg: Mapping, manifest: Mapping, in_channels: int, downsample, scaler_state,
-                   image_shape, steps: int = 0) -> dict:
-    """What `medlsdm sample` needs besides the weights (see generate.load_model)."""
+                   image_shape, steps: int = 0, data: str | Path | None = None) -> dict:
+    """What `medlsdm sample` needs besides the weights (see `medlsdm.inference.model`): with the
+    prepared dataset `data`, also the training geometry and per-class statistics
+    (`medlsdm.data.statistics.training_summary`)."""
+    from medlsdm.data.statistics import training_summary
+
     table = LabelTable.from_mapping(manifest["label_table"])
+    summary = training_summary(data, manifest) if data is not None else {}
     return {
         "kind": "diffusion",
         "space": cfg["space"],
@@ -423,6 +429,8 @@ def export_sidecar(cfg: Mapping, manifest: Mapping, in_channels: int, downsample
         "intensity": manifest.get("intensity"),
         "image_shape": [int(s) for s in image_shape],
         "image_spacing": prepared_spacing(manifest),
+        "label_scheme": manifest.get("label_scheme"),
+        **summary,
         "steps": int(steps),
     }
 
@@ -466,7 +474,7 @@ def train_diffusion(data: str | Path, out: str | Path, autoencoder: str | Path |
     image_shape = tuple(preview["label"].shape[1:])
     module = DiffusionModule(cfg, in_channels=in_channels, label_table=manifest["label_table"],
                              latent_downsample=downsample, scaler_state=scaler_state)
-    sidecar = export_sidecar(cfg, manifest, in_channels, downsample, scaler_state, image_shape)
+    sidecar = export_sidecar(cfg, manifest, in_channels, downsample, scaler_state, image_shape, data=data)
     ecfg = cfg["ema"]
     ema = DiffusionEMA(ecfg["decay"], ecfg["every_n_steps"], ecfg["start_step"]) if ecfg["decay"] is not None else None
     previews = DiffusionPreview(run_dir / "previews", preview, tcfg["preview_every_n_steps"], sidecar, ae, ema)

@@ -1,0 +1,174 @@
+"""`medlsdm sample` as a function: label map files (any grid) -> synthetic volumes on each
+map's own grid and affine, in the training data's intensities, with a report of what was done.
+
+label map -> `labelmaps.prepare_label_map` (classes, training voxel size, a window that covers
+the foreground, scheme check) -> `synthesis.synthesize` (whole grid, or tiles) -> undo the window,
+spacing and orientation, de-normalise -> NIfTI + PNG preview (+ denoising GIF) + sampling_report.json.
+"""
+
+from __future__ import annotations
+
+import zlib
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medlsdm.data.labels import one_hot
+from medlsdm.errors import MedlsdmError
+from medlsdm.inference.labelmaps import LabelMapJob, label_jobs, parse_label_map
+from medlsdm.inference.model import SynthesisModel, load_model, resolve_device
+from medlsdm.inference.synthesis import decode, synthesize
+
+REPORT_FILE = "sampling_report.json"
+
+
+def seed_for(seed: int, stem: str, start: int) -> int:
+    """A seed per (run seed, label map name, first sample of the batch): a label map gives the
+    same outputs whether it is sampled alone or in a folder with others, in any order."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(stem.encode("utf-8")), start]).generate_state(1)[0])
+
+
+def unconditional_record(model: SynthesisModel, image_shape: Sequence[int]) -> dict:
+    """A record for `invert_image` of a sample with no label map: the prepared grid itself, at
+    the training voxel size (else 1 mm), axes (D, H, W) = (S, A, R) written back as canonical
+    RAS (X, Y, Z)."""
+    from medlsdm.data.preprocess import MODEL_FROM_VOXEL
+
+    spacing = list(model.card.spacing or (1.0, 1.0, 1.0))
+    canonical = np.diag([spacing[2], spacing[1], spacing[0], 1.0])   # (X, Y, Z) = (W, H, D)
+    affine = canonical @ MODEL_FROM_VOXEL
+    shape = [int(s) for s in image_shape]
+    return {"shape": shape, "canonical_shape": shape, "canonical_affine": affine.tolist(), "affine": affine.tolist(),
+            "resampled": False, "crop_start": [0, 0, 0], "ornt": [[0, 1], [1, 1], [2, 1]], "normalisation": None}
+
+
+def write_sample(path: Path, array: np.ndarray, record: dict, intensity: dict | None) -> None:
+    """One sample (C, D, H, W) in [-1, 1] -> NIfTI on the record's original grid, de-normalised."""
+    from medlsdm.data.io import write_nifti
+    from medlsdm.data.preprocess import invert_image
+
+    neutral = {"channels": [{"lo": -1.0, "hi": 1.0, "min": -1.0}]}   # keeps [-1, 1] when no intensities are known
+    volume = invert_image(array, record, intensity=intensity or neutral)
+    write_nifti(path, volume.array, volume.affine)
+
+
+def _trajectory_gif(path: Path, model: SynthesisModel, frames: list[torch.Tensor], label, image_shape) -> None:
+    from medlsdm.viz import save_gif, three_plane
+
+    cond = None
+    if label is not None:
+        cond = one_hot(torch.as_tensor(label, dtype=torch.long, device=model.device)[None, None],
+                       model.table.num_classes)
+    pictures = [three_plane(decode(model, f, cond, image_shape)[0, 0].cpu().numpy(), window=(-1, 1))
+                for f in frames]
+    save_gif(path, pictures)
+
+
+def _preview(path: Path, array: np.ndarray, label: np.ndarray | None) -> None:
+    from medlsdm.viz import label_picture, montage, save_png, three_plane
+
+    if label is None:
+        save_png(path, montage([[three_plane(array, window=(-1, 1))]], titles=["synthetic"]))
+    else:
+        save_png(path, montage([[label_picture(label), three_plane(array, window=(-1, 1))]],
+                               titles=["label map", "synthetic"]))
+
+
+def sampling_settings(model: SynthesisModel, sampler: str | None, steps: int | None,
+                      guidance: float | None) -> tuple[str, int | None, float]:
+    """The sampler, steps and guidance to use: the given ones, else the model's defaults."""
+    scfg = model.sidecar.get("sampling", {})
+    sampler = sampler or scfg.get("sampler", "ddim")
+    steps = steps if steps is not None else (None if sampler == "ddpm" else scfg.get("steps", 50))
+    guidance = guidance if guidance is not None else scfg.get("guidance", 1.0)
+    return sampler, steps, guidance
+
+
+def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str | Path, n: int = 1,
+                    sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+                    eta: float = 0.0, seed: int = 0, batch_size: int = 1, device: str = "auto",
+                    save_trajectory: bool = False, progress: bool = True, clip_x0: float | None = None,
+                    layout: str = "auto", label_map: str | dict | None = None, crop: bool = False,
+                    tile: bool = False) -> list[Path]:
+    """Generate `n` volumes per label map (or `n` in all for unconditional models) and write each
+    as ``<case ID>_sample<k>.nii.gz`` on the label map's own grid and affine, in original
+    intensities, plus ``<case ID>_sample<k>.png`` (label map | sample on the model's grid) and,
+    with `save_trajectory`, ``<case ID>_sample<k>_trajectory.gif`` for the first sample of each
+    batch; ``sampling_report.json`` says what was done to each label map. The case ID is the
+    layout's for a dataset root, else the file name without its suffix; unconditional samples are
+    named sample_sample<k>.
+
+    `labels`: a label map file, a folder of them, or a dataset root (`layout`). `label_map`: another
+    scheme's values -> the model's classes (see `labelmaps.parse_label_map`). `crop`: keep the
+    training window even where the foreground is larger (cut, with a warning); `tile`: generate
+    grids larger than the training window in overlapping tiles of it instead of whole.
+    The same seed gives the same files (for the same batch size: one noise draw per batch)."""
+    from tqdm.auto import tqdm
+
+    from medlsdm.files import ensure_writable_dir, write_json
+
+    if n < 1 or batch_size < 1:
+        raise MedlsdmError("--n and --batch-size must be at least 1")
+    if steps is not None and steps < 1:
+        raise MedlsdmError("--steps must be at least 1")
+    value_map = parse_label_map(label_map)
+    model = load_model(model_dir, resolve_device(device))
+    sampler, steps, guidance = sampling_settings(model, sampler, steps, guidance)
+    if model.conditional and guidance != 1.0 and not model.sidecar["diffusion"].get("cond_drop_prob"):
+        warnings.warn(f"--guidance {guidance}: this model was trained without condition dropout, so its "
+                      "unconditional prediction is untrained; guidance 1 uses the condition alone", stacklevel=2)
+    intensity = model.sidecar.get("intensity")
+    if intensity is None:
+        warnings.warn("the model's sidecar has no intensity summary: samples are written in [-1, 1]", stacklevel=2)
+
+    if model.conditional:
+        if labels is None:
+            raise MedlsdmError("this model is conditioned on label maps: give --labels FILE_OR_DIR")
+        jobs = label_jobs(model, labels, layout=layout, value_map=value_map, crop=crop)
+    else:
+        if labels is not None:
+            raise MedlsdmError("this model is unconditional: give --n without --labels")
+        shape = model.card.shape
+        if shape is None:
+            raise MedlsdmError("the model's sidecar gives no image shape for unconditional sampling")
+        jobs = [LabelMapJob(case_id="sample", source=Path(), label=None,
+                            record=unconditional_record(model, shape))]
+    out = ensure_writable_dir(out)
+    tile_shape = model.card.shape if tile else None
+
+    written: list[Path] = []
+    report = {"model": Path(model_dir).name, "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta,
+              "seed": int(seed), "label_maps": []}
+    bar = tqdm(total=len(jobs) * n, desc="generating", unit="volume", disable=not progress)
+    for job in jobs:
+        image_shape = job.grid_shape
+        files = []
+        for start in range(0, n, batch_size):
+            k = min(batch_size, n - start)
+            frames: list[torch.Tensor] = []
+            keep = max(1, (steps or model.schedule.T) // 20)   # about 20 frames per animation
+            callback = ((lambda i, x, x0: frames.append(x0[:1].clone()) if i % keep == 0 else None)
+                        if save_trajectory else None)
+            volumes = synthesize(model, job.label, n=k, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+                                 seed=seed_for(seed, job.case_id, start), image_shape=image_shape,
+                                 callback=callback, progress=False, clip_x0=clip_x0,
+                                 tile=tile_shape).float().cpu().numpy()
+            for j in range(k):
+                name = f"{job.case_id}_sample{start + j}"
+                write_sample(out / f"{name}.nii.gz", volumes[j], job.record, intensity)
+                _preview(out / f"{name}.png", volumes[j], job.label)
+                written.append(out / f"{name}.nii.gz")
+                files.append(f"{name}.nii.gz")
+                bar.update(1)
+            if save_trajectory and frames:
+                _trajectory_gif(out / f"{job.case_id}_sample{start}_trajectory.gif", model, frames, job.label,
+                                image_shape)
+        if model.conditional:
+            report["label_maps"].append({"case_id": job.case_id, "label_map": job.source.name, "files": files,
+                                         "grid": list(image_shape), "notes": job.notes, "warnings": job.warnings})
+    bar.close()
+    write_json(out / REPORT_FILE, report)
+    return written

@@ -1,0 +1,154 @@
+"""Sampling and decoding on the prepared grid: one-hot label map -> sampler in the latent (or
+pixel) space -> unscale, optional re-quantisation, decode (SPADE decoders get the label map).
+
+Grids larger than the training window are sampled whole (the networks are convolutional and
+their attention takes any size), or in overlapping tiles of the training window blended at every
+step (`TiledDenoiser`), which keeps what the network sees at its training size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from medlsdm.data.labels import one_hot
+from medlsdm.errors import MedlsdmError
+from medlsdm.inference.model import SynthesisModel
+
+
+def model_shape(model: SynthesisModel, image_shape: Sequence[int]) -> tuple[int, ...]:
+    """(C, d, h, w) of the model's space for an image of spatial shape (D, H, W)."""
+    if model.autoencoder is not None:
+        return tuple(model.autoencoder.latent_shape(tuple(image_shape)))
+    return (len(model.sidecar["channels"]), *image_shape)
+
+
+def x0_clip(model: SynthesisModel, clip_x0: float | None = None) -> float:
+    """The samplers' x0 bound: `clip_x0` if given, else the model's ``sampling.clip_x0``, else the
+    widest sensible one: 1 in pixel space and for min-max latents, the largest |scaled latent|
+    of the training set for std-scaled latents (a tighter bound steadies few-step samplers of
+    epsilon-prediction models; benchmarks/sampling.md)."""
+    if clip_x0 is None:
+        clip_x0 = model.sidecar.get("sampling", {}).get("clip_x0")
+    if clip_x0 is None:
+        return 1.0 if model.scaler is None else model.scaler.x0_clip
+    if not float(clip_x0) > 0:
+        raise MedlsdmError(f"--clip-x0 must be a positive number, got {clip_x0}")
+    return float(clip_x0)
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of windows of `tile` covering [0, size) with at least `overlap` shared voxels."""
+    if size <= tile:
+        return [0]
+    count = int(np.ceil((size - overlap) / (tile - overlap)))
+    return [int(round(i * (size - tile) / (count - 1))) for i in range(count)]
+
+
+def _ramp(length: int, start: int, size: int, overlap: int) -> torch.Tensor:
+    """Blending weights along one axis of a tile: rising linearly over `overlap` voxels on each
+    side that borders another tile, 1 in the middle and at the volume's own borders."""
+    w = torch.ones(length)
+    if overlap <= 0:
+        return w
+    ramp = (torch.arange(overlap, dtype=torch.float32) + 1) / (overlap + 1)
+    if start > 0:
+        w[:overlap] = torch.minimum(w[:overlap], ramp)
+    if start + length < size:
+        w[-overlap:] = torch.minimum(w[-overlap:], ramp.flip(0))
+    return w
+
+
+class TiledDenoiser(torch.nn.Module):
+    """A denoiser evaluated in overlapping tiles of ``tile`` (model-space voxels, D, H, W), its
+    outputs blended with linear ramps over the overlaps (weights sum to one everywhere), so no
+    seam shows where tiles meet. The condition (at image resolution, ``factor`` image voxels per
+    model voxel) is cut to the matching window. Written by hand: MONAI's sliding-window inferer
+    takes one input tensor, while a denoiser takes the noisy sample, the time and the label map
+    at another resolution, at every sampling step."""
+
+    def __init__(self, denoiser: torch.nn.Module, tile: Sequence[int], factor: Sequence[int], overlap: float = 0.25):
+        super().__init__()
+        self.denoiser = denoiser
+        self.tile = tuple(int(t) for t in tile)
+        self.factor = tuple(int(f) for f in factor)
+        self.overlap = tuple(max(1, int(round(t * overlap))) for t in self.tile)
+        self.conditioning = getattr(denoiser, "conditioning", None)
+
+    def windows(self, spatial: Sequence[int]) -> list[tuple[slice, ...]]:
+        starts = [_tile_starts(s, t, o) for s, t, o in zip(spatial, self.tile, self.overlap)]
+        return [tuple(slice(a, a + min(t, s)) for a, t, s in zip(corner, self.tile, spatial))
+                for corner in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3).tolist()]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        spatial = tuple(x.shape[2:])
+        out = torch.zeros_like(x)
+        total = torch.zeros(spatial, dtype=x.dtype, device=x.device)
+        for window in self.windows(spatial):
+            sub_cond = None
+            if cond is not None:
+                sub_cond = cond[(Ellipsis, *(slice(w.start * f, w.stop * f) for w, f in zip(window, self.factor)))]
+            pred = self.denoiser(x[(Ellipsis, *window)], t, sub_cond)
+            weight = _ramp(window[0].stop - window[0].start, window[0].start, spatial[0], self.overlap[0])[:, None, None]
+            weight = weight * _ramp(window[1].stop - window[1].start, window[1].start, spatial[1], self.overlap[1])[:, None]
+            weight = weight * _ramp(window[2].stop - window[2].start, window[2].start, spatial[2], self.overlap[2])
+            weight = weight.to(x)
+            out[(Ellipsis, *window)] += pred * weight
+            total[window] += weight
+        return out / total
+
+
+def _padded_condition(cond: torch.Tensor, spatial: Sequence[int], factor: Sequence[int]) -> torch.Tensor:
+    """The one-hot condition padded (background = all-zero, like the null condition's) at the far
+    end to `spatial` x `factor`, so every tile cuts a whole window."""
+    extra = [s * f - c for s, f, c in zip(spatial, factor, cond.shape[2:])]
+    return torch.nn.functional.pad(cond, (0, extra[2], 0, extra[1], 0, extra[0])) if any(extra) else cond
+
+
+@torch.no_grad()
+def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, sampler: str = "ddim",
+               steps: int | None = 50, guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
+               image_shape: Sequence[int] | None = None, callback: Callable | None = None,
+               progress: bool = True, clip_x0: float | None = None, tile: Sequence[int] | None = None
+               ) -> torch.Tensor:
+    """`n` volumes (n, C, D, H, W) in [-1, 1] on the prepared grid, for one prepared label map
+    (D, H, W) (None for unconditional models, which then need `image_shape`); `clip_x0`: see
+    `x0_clip`; `tile` (image voxels, D, H, W): denoise in overlapping tiles of that size."""
+    from medlsdm.diffusion.samplers import sample
+
+    dcfg = model.sidecar["diffusion"]
+    if model.conditional:
+        if label is None:
+            raise MedlsdmError("this model is conditioned on label maps: give --labels")
+        label_t = torch.as_tensor(np.asarray(label), dtype=torch.long, device=model.device)[None, None]
+        cond = one_hot(label_t, model.table.num_classes).repeat(n, 1, 1, 1, 1)
+        image_shape = tuple(label.shape)
+    else:
+        cond = None
+        if image_shape is None:
+            raise MedlsdmError("an unconditional model needs the output shape")
+    shape = (n, *model_shape(model, image_shape))
+    generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    clip = x0_clip(model, clip_x0)
+    denoiser, sample_cond = model.denoiser, cond
+    if tile is not None and any(s > t for s, t in zip(shape[2:], model_shape(model, tile)[1:])):
+        denoiser = TiledDenoiser(model.denoiser, model_shape(model, tile)[1:], model.downsample)
+        if cond is not None:
+            sample_cond = _padded_condition(cond, shape[2:], model.downsample)
+    x = sample(denoiser, shape, sample_cond, model.schedule, sampler=sampler, steps=steps, eta=eta,
+               guidance=guidance if model.conditional else 1.0, prediction=dcfg["prediction"],
+               clip_x0=clip, generator=generator, callback=callback, progress=progress)
+    return decode(model, x, cond, image_shape)
+
+
+def decode(model: SynthesisModel, x: torch.Tensor, cond: torch.Tensor | None, image_shape) -> torch.Tensor:
+    """Model-space samples (latent or pixel) -> images in [-1, 1] on the prepared grid."""
+    if model.autoencoder is None:
+        return x.clamp(-1, 1)
+    z = model.scaler.unscale(x)
+    if model.sidecar.get("latent", {}).get("requantize"):
+        z = model.autoencoder.quantizer.quantize_nearest(z)
+    decoder_label = cond[: x.shape[0]] if model.autoencoder.decoder_kind == "spade" else None
+    return model.autoencoder.decode(z, label=decoder_label, out_shape=tuple(image_shape)).clamp(-1, 1)
