@@ -1,0 +1,84 @@
+"""The dependency rule of docs/architecture.md, checked from the source: which package of medlsdm
+may import which (imports inside functions count too), and that inference runs without Lightning."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "medlsdm"
+
+BASE = {"errors", "files"}
+# package -> the medlsdm packages it may import (besides itself); "evaluation.metrics" allows that
+# module alone. Every package of the source tree must be listed here.
+ALLOWED = {
+    "errors": set(),
+    "files": {"errors"},
+    "config": BASE,
+    "weights": BASE,
+    "viz": BASE,
+    "data": BASE | {"config"},
+    "models": BASE | {"weights", "data"},
+    "diffusion": BASE | {"models", "data"},
+    "inference": BASE | {"config", "data", "models", "diffusion", "weights", "viz"},
+    "evaluation": BASE | {"config", "data", "models", "diffusion", "weights", "viz", "inference"},
+    "training": BASE | {"config", "data", "models", "diffusion", "weights", "viz", "inference", "evaluation.metrics"},
+    "demo": BASE | {"config", "data", "models", "diffusion", "weights", "viz", "inference", "evaluation", "training"},
+    "commands": None,   # the command line may import everything
+    "cli": BASE | {"commands"},
+}
+FORBIDDEN_THIRD_PARTY = {"inference": {"lightning", "pytorch_lightning"}, "data": {"lightning", "pytorch_lightning"},
+                         "models": {"lightning", "pytorch_lightning"}, "diffusion": {"lightning", "pytorch_lightning"},
+                         "evaluation": {"lightning", "pytorch_lightning"}}
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def _package(path: Path) -> str:
+    return path.relative_to(SRC).parts[0].removesuffix(".py")
+
+
+def test_every_package_follows_the_dependency_rule():
+    packages = {_package(p) for p in SRC.rglob("*.py") if p.name != "__init__.py" or p.parent != SRC}
+    assert packages <= set(ALLOWED), f"packages without a rule: {sorted(packages - set(ALLOWED))}"
+    broken = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.parent == SRC and path.name == "__init__.py":
+            continue
+        package = _package(path)
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] != "medlsdm":
+                if parts[0] in FORBIDDEN_THIRD_PARTY.get(package, set()):
+                    broken.append(f"{path.relative_to(SRC)} imports {name}")
+                continue
+            if len(parts) == 1 or parts[1] == package or ALLOWED[package] is None:
+                continue
+            allowed = ALLOWED[package]
+            if parts[1] not in allowed and ".".join(parts[1:3]) not in allowed:
+                broken.append(f"{path.relative_to(SRC)} ({package}) imports {name}")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_rule_check_catches_a_breach(tmp_path):
+    """The checker itself: an inference module importing training code is reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from medlsdm.training.runner import fit\n", encoding="utf-8")
+    names = list(_imports(bad))
+    assert names == ["medlsdm.training.runner"]
+    assert "training" not in ALLOWED["inference"]
+
+
+def test_inference_imports_no_lightning_and_no_training_code():
+    code = ("import sys, medlsdm.inference, medlsdm.inference.labelmaps, medlsdm.inference.editing\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
+            "or m.startswith(('medlsdm.training', 'medlsdm.evaluation')))\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
