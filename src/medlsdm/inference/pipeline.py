@@ -168,7 +168,9 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
                                 image_shape)
         if model.conditional:
             report["label_maps"].append({"case_id": job.case_id, "label_map": job.source.name, "files": files,
-                                         "grid": list(image_shape), "notes": job.notes, "warnings": job.warnings})
+                                         "grid": list(image_shape),
+                                         "classes": sorted(int(v) for v in np.unique(job.label)),
+                                         "notes": job.notes, "warnings": job.warnings})
     bar.close()
     write_json(out / REPORT_FILE, report)
     return written
