@@ -115,6 +115,12 @@ def test_generic_journey_oblique_anisotropic_map_and_another_scheme(tmp_path):
     assert cli.main(["sample", "--model", str(model), "--labels", str(tmp_path / "other.nii.gz"),
                      "--out", str(tmp_path / "o3"), "--steps", "1", "--label-map", "10=1,20=2,30=3"]) == 0
     _check_outputs(tmp_path / "o3", [("other", tmp_path / "other.nii.gz")])
+    # labels edit on the 1 mm map, then sample the edited map: the same rules apply
+    edited = tmp_path / "edited" / "native_grown.nii.gz"
+    assert cli.main(["labels", "edit", "--in", str(native), "--out", str(edited), "--dilate", "3", "1"]) == 0
+    assert cli.main(["sample", "--model", str(model), "--labels", str(edited), "--out", str(tmp_path / "o4"),
+                     "--steps", "1"]) == 0
+    _check_outputs(tmp_path / "o4", [("native_grown", edited)])
 
 
 def test_autopet_and_nnunet_journeys(tmp_path):
