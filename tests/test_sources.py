@@ -115,6 +115,8 @@ def test_autopet_label_file_ids_match_discovery(tmp_path):
     assert [(m.case_id, m.subject_id) for m in label_maps(tmp_path)] == [
         ("PETCT_aa_01-2001-NA-PET_CT", "PETCT_aa"), ("PETCT_aa_02-2002-NA-PET", "PETCT_aa"),
         ("PETCT_bb_03-2003", "PETCT_bb")]
+    assert {k: v.subject_id for k, v in scan_folder(tmp_path).items()} == {
+        "PETCT_aa_01-2001-NA-PET_CT": "PETCT_aa", "PETCT_aa_02-2002-NA-PET": "PETCT_aa", "PETCT_bb_03-2003": "PETCT_bb"}
     # Every study's label file is called SEG: a sample named SEG_sample0 cannot say which case it is.
     aliases = case_aliases((c.case_id, c.label_path) for c in found.cases)
     assert "SEG" not in aliases
@@ -239,7 +241,8 @@ def test_prepared_dataset_reads_back_its_original_files_subjects_and_splits(tmp_
     assert found.layout == "brats" and len(found.channel_names) == 4
     recorded = {c["case_id"]: (c["subject_id"], c["split"]) for c in manifest["cases"]}
     assert {c.case_id: (c.subject_id, c.split) for c in found.cases} == recorded
-    assert recorded["BraTS-GLI-00005-000"] == recorded["BraTS-GLI-00005-001"][:1] + (recorded["BraTS-GLI-00005-000"][1],)
+    assert recorded["BraTS-GLI-00005-000"] == recorded["BraTS-GLI-00005-001"]  # timepoints: one subject, one split
+    assert recorded["BraTS-GLI-00005-000"][0] == "BraTS-GLI-00005"
     for subject in {s for s, _ in recorded.values()}:  # one split per subject
         assert len({split for s, split in recorded.values() if s == subject}) == 1
     for case in found.cases:  # the original 4-modality files, not the prepared arrays
@@ -365,3 +368,25 @@ def test_prepare_subject_regex_option(tmp_path, capsys):
     assert main(["prepare", str(data), "--out", str(tmp_path / "p2"), "--subject-regex", "^(sub-9)",
                  "--no-progress"]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_evaluate_segmentation_splits_one_dataset_into_train_and_test(tmp_path, monkeypatch):
+    """The command hands the same dataset on as its test split and the rest, with the dataset options."""
+    import medlsdm.evaluation.segmentation as segmentation
+
+    seen = {}
+
+    def fake(train_real, test_real, synthetic, out, **kwargs):
+        seen.update(train=train_real, test=test_real)
+        return {"domain_gap": None, "protocols": {}}
+
+    monkeypatch.setattr(segmentation, "evaluate_segmentation", fake)
+    monkeypatch.setattr("medlsdm.commands.evaluate._finish", lambda out: None)
+    data = tmp_path / "data"
+    assert main(["evaluate", "segmentation", "--train-real", str(data), "--test-real", str(data) + "/",
+                 "--synthetic", str(tmp_path / "syn"), "--out", str(tmp_path / "out"), "--preset", "brats"]) == 0
+    assert seen["train"].splits == ("train", "val") and seen["test"].splits == ("test",)
+    assert seen["train"].preset == seen["test"].preset == "brats"
+    assert main(["evaluate", "segmentation", "--train-real", str(data), "--test-real", str(tmp_path / "other"),
+                 "--synthetic", str(tmp_path / "syn"), "--out", str(tmp_path / "out")]) == 0
+    assert seen["train"].splits is None and seen["test"].splits is None
