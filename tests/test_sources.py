@@ -314,7 +314,8 @@ def test_export_from_autopet_and_brats_roots(tmp_path):
     result = export_nnunet(tmp_path / "out", 3, "Pet", real=DatasetSource(autopet, preset="autopet"),
                            synthetic=syn, folds=2, progress=False)
     assert result.channel_names == ["ct"] and result.count("real") == 4 and result.count("synthetic") == 1
-    assert result.folds["PETCT_aa_01-2001"] == result.folds["PETCT_aa_02-2002"] == result.folds["syn_PETCT_aa_02-2002_0"]
+    folds = result.folds
+    assert folds["PETCT_aa_01-2001"] == folds["PETCT_aa_02-2002"] == folds["syn_PETCT_aa_02-2002_0"]
 
     # BraTS 2023, multi-channel cases stay one case; samples of test cases stay out of training data.
     root = brats_tree(tmp_path / "b23", BRATS23_IDS[:4], BRATS_2023)

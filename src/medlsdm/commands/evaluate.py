@@ -117,8 +117,8 @@ def _run_quality(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.quality import evaluate_quality
     from medlsdm.evaluation.report import fmt
 
-    data = evaluate_quality(dataset_source(args.real, args), args.synthetic, args.out, labels=args.labels, metrics=args.metrics,
-                            data_range=args.data_range, mask=args.mask, inception=args.inception,
+    data = evaluate_quality(dataset_source(args.real, args), args.synthetic, args.out, labels=args.labels,
+                            metrics=args.metrics, data_range=args.data_range, mask=args.mask, inception=args.inception,
                             medicalnet=args.medicalnet, lpips_backbone=args.lpips_backbone,
                             lpips_heads=args.lpips_heads, lpips_net=args.lpips_net, device=args.device,
                             fid_slices=args.fid_slices, unpaired=args.unpaired)
@@ -157,8 +157,8 @@ def _run_privacy(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.audit import audit_folders
     from medlsdm.evaluation.report import fmt
 
-    result = audit_folders(dataset_source(args.train, args, ("train",)), args.synthetic, args.out, similarity=args.similarity,
-                           quantile=args.quantile, mask=args.mask)
+    result = audit_folders(dataset_source(args.train, args, ("train",)), args.synthetic, args.out,
+                           similarity=args.similarity, quantile=args.quantile, mask=args.mask)
     print(f"{result['n_flagged']} of {result['n_synthetic']} synthetic volumes flagged "
           f"(threshold {fmt(result['threshold'])}, {result['threshold_rule']})")
     _finish(args.out)

@@ -171,7 +171,7 @@ def _layout_table(label_path: Path):
     """(layout, its label table) for a label file named as a known dataset names them."""
     from medlsdm.data import layouts
 
-    layout = layouts._label_file_layout(label_path)
+    layout = layouts.label_file_layout(label_path)
     if layout == "brats":
         is_2023 = layouts.volume_stem(label_path).lower().endswith("-seg")
         return layout, layouts.BRATS_TABLE_2023 if is_2023 else layouts.BRATS_TABLE_2021
@@ -200,7 +200,8 @@ def _inspect_file(args) -> tuple[list[str], object, object]:
         lines.append(f"channels: {volume.array.shape[0]}")
     image, label = volume_in_model_layout(volume), None
     if args.kind == "label" or (args.kind is None and not args.labels):
-        as_label, why = (True, "--as label") if args.kind == "label" else label_map_verdict(volume.array, path, modality)
+        as_label, why = ((True, "--as label") if args.kind == "label"
+                         else label_map_verdict(volume.array, path, modality))
         if as_label and volume.array.ndim != 3:
             raise MedlsdmError(f"{path}: --as label needs a 3D volume, got shape {volume.array.shape}")
         lines.append(f"read as: {'label map' if as_label else 'image'} ({why})"

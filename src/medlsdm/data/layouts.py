@@ -672,7 +672,7 @@ class LabelMapFile:
     split: str | None = None
 
 
-def _label_file_layout(path: Path) -> str:
+def label_file_layout(path: Path) -> str:
     """The layout a lone label file's name and neighbours belong to (for ``layout="auto"``)."""
     name, stem = path.name.lower(), volume_stem(path).lower()
     folder = path.parent
@@ -702,7 +702,7 @@ def case_id_for_label_file(path: str | Path, layout: str = "auto", root: str | P
     """
     path = Path(path)
     if layout == "auto":
-        layout = _label_file_layout(path)
+        layout = label_file_layout(path)
     elif layout not in LAYOUTS:
         raise ConfigError(f"unknown layout '{layout}' (known: auto, {', '.join(LAYOUTS)})")
     stem, folder = volume_stem(path), path.parent
