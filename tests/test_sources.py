@@ -316,6 +316,16 @@ def test_export_from_autopet_and_brats_roots(tmp_path):
     assert result.channel_names == ["ct"] and result.count("real") == 4 and result.count("synthetic") == 1
     folds = result.folds
     assert folds["PETCT_aa_01-2001"] == folds["PETCT_aa_02-2002"] == folds["syn_PETCT_aa_02-2002_0"]
+    # Organ maps from --labels-dir (named by case ID) replace SEG, as for prepare.
+    organs = tmp_path / "organs"
+    for i, (patient, study) in enumerate(studies):
+        _save(organs / f"{patient}_{study}.nii.gz", _label(i, (0, 1, 2, 3)))
+    (organs / "labels.json").write_text(json.dumps({"0": "background", "1": "liver", "2": "lung", "3": "bone"}))
+    assert main(["export", "nnunet", "--real", str(autopet), "--preset", "autopet", "--labels-dir", str(organs),
+                 "--mix", "real", "--out", str(tmp_path / "out"), "--dataset-id", "9", "--name", "Organs"]) == 0
+    dataset_json = json.loads((tmp_path / "out" / "Dataset009_Organs" / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "liver": 1, "lung": 2, "bone": 3}
+    assert dataset_json["channel_names"] == {"0": "ct"} and dataset_json["numTraining"] == 4
 
     # BraTS 2023, multi-channel cases stay one case; samples of test cases stay out of training data.
     root = brats_tree(tmp_path / "b23", BRATS23_IDS[:4], BRATS_2023)
