@@ -379,6 +379,18 @@ def test_prepare_subject_regex_option(tmp_path, capsys):
     assert main(["prepare", str(data), "--out", str(tmp_path / "p2"), "--subject-regex", "^(sub-9)",
                  "--no-progress"]) == 2
     assert "does not match" in capsys.readouterr().err
+    # export reads the subjects from the regex (dataset root) or from the manifest (prepared dataset).
+    for i, (real, options) in enumerate([(data, ["--subject-regex", "^(sub-[0-9]+)_"]), (out, [])]):
+        target = tmp_path / f"raw{i}"
+        assert main(["export", "nnunet", "--real", str(real), *options, "--mix", "real", "--out", str(target),
+                     "--dataset-id", "1", "--name", "Sessions", "--folds", "2"]) == 0
+        dataset = target / "Dataset001_Sessions"
+        info = json.loads((dataset / "medlsdm_export.json").read_text())["cases"]
+        train_ids = sorted(c["case_id"] for c in cases if c["split"] != "test") if real == out else ids
+        assert sorted(info) == train_ids
+        for fold in json.loads((dataset / "splits_final.json").read_text()):
+            val = {c[:6] for c in fold["val"]}
+            assert val and not val & {c[:6] for c in fold["train"]}  # sessions of a subject share a fold
 
 
 def test_evaluate_segmentation_splits_one_dataset_into_train_and_test(tmp_path, monkeypatch):

@@ -190,6 +190,8 @@ def _inspect_file(args) -> tuple[list[str], object, object]:
     from medlsdm.data.preprocess import volume_in_model_layout
     from medlsdm.errors import MedlsdmError
 
+    if args.kind == "label" and args.labels:
+        raise MedlsdmError("--as label and --labels: FILE is the image when --labels names its label map")
     volume = read_volume(args.file)
     path = Path(args.file)
     modality = _dicom_modality(path) if path.is_dir() else None
