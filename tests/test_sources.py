@@ -251,6 +251,8 @@ def test_prepared_dataset_reads_back_its_original_files_subjects_and_splits(tmp_
     test_ids = [c for c, (_, split) in recorded.items() if split == "test"]
     assert sorted(scan_folder(DatasetSource(prepared, splits=("test",)))) == sorted(test_ids)
     assert sorted(m.case_id for m in label_maps(prepared)) == sorted(recorded)
+    with pytest.raises(ConfigError, match="records its layout and subjects"):
+        scan_folder(DatasetSource(prepared, preset="brats"))
 
 
 # ------------------------------------------------------------------------------ the commands

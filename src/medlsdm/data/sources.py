@@ -69,9 +69,6 @@ class DatasetSource(os.PathLike):
         """True when the layout is given (by name or preset) rather than detected."""
         return self.layout != "auto" or self.preset is not None or bool(self.options)
 
-    def with_splits(self, splits: Sequence[str] | None) -> "DatasetSource":
-        return dataclasses.replace(self, splits=None if splits is None else tuple(splits))
-
 
 def as_source(source: str | os.PathLike, **settings) -> DatasetSource:
     """`source` as a DatasetSource (a DatasetSource keeps its own settings)."""
@@ -98,6 +95,9 @@ def read_dataset(source: str | os.PathLike, layout: str = "auto", preset: str | 
     src = as_source(source, layout=layout, preset=preset, options=options, subject_regex=subject_regex,
                     splits=None if splits is None else tuple(splits))
     if is_prepared(src.path):
+        if src.names_layout or src.subject_regex:
+            raise ConfigError(f"{src.path}: a prepared dataset records its layout and subjects; "
+                              f"drop --layout/--preset/--labels-dir/--subject-regex for it")
         found = _read_prepared(src.path)
     else:
         name, layout_options, regex = _resolve(src)
