@@ -7,6 +7,9 @@ OUT/report.html from every result found there, so the three can share one folder
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from medlsdm.commands.dataset_options import add_dataset_options, dataset_source
 
 
 def register(sub) -> None:
@@ -35,7 +38,8 @@ def _quality_parser(kinds) -> None:
                          description="Compare synthetic volumes with the real cases whose label maps "
                                      "generated them (synthetic files named CASE.nii.gz or "
                                      "CASE_sample<k>.nii.gz), and the two sets as distributions.")
-    p.add_argument("--real", required=True, help="real volumes: flat folder or images/ + labels/ layout")
+    p.add_argument("--real", required=True, help="real volumes: a flat folder, a dataset root in any layout "
+                                                 "`medlsdm prepare` reads, or a prepared dataset")
     p.add_argument("--synthetic", required=True, help="synthetic volumes (flat folder or images/)")
     p.add_argument("--labels", help="label maps named by case ID (for --mask foreground with a flat --real)")
     p.add_argument("--out", required=True, help="output folder (metrics.json, figures/, report)")
@@ -55,6 +59,7 @@ def _quality_parser(kinds) -> None:
                         "diversity only")
     p.add_argument("--fid-slices", type=int, default=32, help="slices per axis and volume for 2D FID (default 32)")
     p.add_argument("--device", default="cpu", help="torch device for feature networks (cpu, cuda, cuda:1)")
+    add_dataset_options(p, "--real")
     p.set_defaults(func=_run_quality)
 
 
@@ -63,8 +68,10 @@ def _segmentation_parser(kinds) -> None:
                          description="Train a 3D U-Net on real training cases; test it on real test "
                                      "images and on synthetic images of the same test label maps; "
                                      "optionally train on real+synthetic and synthetic only.")
-    p.add_argument("--train-real", required=True, help="real training cases (images/ + labels/)")
-    p.add_argument("--test-real", required=True, help="real test cases (images/ + labels/)")
+    p.add_argument("--train-real", required=True, help="real training cases (images/ + labels/, any layout "
+                                                       "`medlsdm prepare` reads, or a prepared dataset)")
+    p.add_argument("--test-real", required=True, help="real test cases (as --train-real; the same dataset "
+                                                      "as --train-real: its test split, the rest for training)")
     p.add_argument("--synthetic", required=True, help="synthetic volumes named after their label map's case ID")
     p.add_argument("--synthetic-train", help="synthetic volumes for training (default: --synthetic); only "
                                              "those of non-test label maps are trained on")
@@ -79,6 +86,7 @@ def _segmentation_parser(kinds) -> None:
     p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="training patch and sliding-window size (multiples of 8; default: volume size, at most 96)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    add_dataset_options(p, "--train-real and --test-real")
     p.set_defaults(func=_run_segmentation)
 
 
@@ -86,13 +94,15 @@ def _privacy_parser(kinds) -> None:
     p = kinds.add_parser("privacy", help="memorisation audit: are synthetic volumes copies of training ones?",
                          description="Flag synthetic volumes closer to a training volume than any two "
                                      "real training volumes are to each other.")
-    p.add_argument("--train", required=True, help="training volumes (the generator's training set)")
+    p.add_argument("--train", required=True, help="training volumes (the generator's training set): a flat "
+                                                  "folder, or a dataset (its training split)")
     p.add_argument("--synthetic", required=True, help="synthetic volumes")
     p.add_argument("--out", required=True, help="output folder (privacy.json, figures/, report)")
     p.add_argument("--similarity", choices=["ncc", "ssim"], default="ncc")
     p.add_argument("--quantile", type=float, help="threshold = this quantile of real-to-real similarities "
                                                   "(default: their maximum)")
     p.add_argument("--mask", choices=["foreground"], help="compare inside the training label maps' foreground")
+    add_dataset_options(p, "--train")
     p.set_defaults(func=_run_privacy)
 
 
@@ -107,8 +117,8 @@ def _run_quality(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.quality import evaluate_quality
     from medlsdm.evaluation.report import fmt
 
-    data = evaluate_quality(args.real, args.synthetic, args.out, labels=args.labels, metrics=args.metrics,
-                            data_range=args.data_range, mask=args.mask, inception=args.inception,
+    data = evaluate_quality(dataset_source(args.real, args), args.synthetic, args.out, labels=args.labels,
+                            metrics=args.metrics, data_range=args.data_range, mask=args.mask, inception=args.inception,
                             medicalnet=args.medicalnet, lpips_backbone=args.lpips_backbone,
                             lpips_heads=args.lpips_heads, lpips_net=args.lpips_net, device=args.device,
                             fid_slices=args.fid_slices, unpaired=args.unpaired)
@@ -125,7 +135,11 @@ def _run_segmentation(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.segmentation import evaluate_segmentation
 
     protocols = [p.strip() for p in args.protocols.split(",")] if args.protocols else None
-    data = evaluate_segmentation(args.train_real, args.test_real, args.synthetic, args.out,
+    # One dataset for both: its test split is the test set, the other cases train.
+    same = Path(args.train_real).resolve() == Path(args.test_real).resolve()
+    train_real = dataset_source(args.train_real, args, ("train", "val") if same else None)
+    test_real = dataset_source(args.test_real, args, ("test",) if same else None)
+    data = evaluate_segmentation(train_real, test_real, args.synthetic, args.out,
                                  synthetic_labels=args.synthetic_labels, synthetic_train=args.synthetic_train,
                                  protocols=protocols, epochs=args.epochs, budget_minutes=args.budget_minutes,
                                  seed=args.seed, patch=args.patch, device=args.device)
@@ -143,8 +157,8 @@ def _run_privacy(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.audit import audit_folders
     from medlsdm.evaluation.report import fmt
 
-    result = audit_folders(args.train, args.synthetic, args.out, similarity=args.similarity,
-                           quantile=args.quantile, mask=args.mask)
+    result = audit_folders(dataset_source(args.train, args, ("train",)), args.synthetic, args.out,
+                           similarity=args.similarity, quantile=args.quantile, mask=args.mask)
     print(f"{result['n_flagged']} of {result['n_synthetic']} synthetic volumes flagged "
           f"(threshold {fmt(result['threshold'])}, {result['threshold_rule']})")
     _finish(args.out)

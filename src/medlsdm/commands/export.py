@@ -3,6 +3,8 @@ framework, to train a segmentation model on synthetic data (nnU-Net v2 raw datas
 
 from __future__ import annotations
 
+from medlsdm.commands.dataset_options import add_dataset_options, dataset_source
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="export real + synthetic cases for segmentation training",
@@ -14,10 +16,14 @@ def register(subparsers) -> None:
         description=(
             "Write OUT/DatasetNNN_NAME in nnU-Net v2 raw format: imagesTr/CASE_0000.nii.gz (one file per "
             "channel; 4D synthetic volumes are split), labelsTr/CASE.nii.gz (values renumbered 0..K-1 when "
-            "needed) and dataset.json. Real cases are the training cases of --real (images/ + labels/, "
-            "nnU-Net layout, or any layout `medlsdm prepare` reads); synthetic cases are the "
+            "needed), dataset.json and splits_final.json. Real cases are the training cases of --real (any "
+            "dataset `medlsdm prepare` reads, or a prepared dataset); synthetic cases are the "
             "<case>_sample<k> volumes of `medlsdm sample` in --synthetic, named syn_<case>_<k>, with the "
-            "label map of <case> from --labels (or from --real). Written to a temporary folder, then renamed."),
+            "label map of <case> from --labels (or from --real); those of test cases are left out. "
+            "splits_final.json holds --folds cross-validation folds of whole subjects: a synthetic case "
+            "shares the fold of the real case whose label map made it (copy the file to "
+            "nnUNet_preprocessed/DatasetNNN_NAME/ after nnUNetv2_plan_and_preprocess). Written to a "
+            "temporary folder, then renamed."),
     )
     p.add_argument("--real", metavar="DIR", help="real dataset (needed for --mix real; else gives label maps and names)")
     p.add_argument("--synthetic", metavar="DIR", help="folder of <case>_sample<k>.nii.gz from `medlsdm sample`")
@@ -32,7 +38,12 @@ def register(subparsers) -> None:
     p.add_argument("--channel-names", metavar="A,B", help="channel names for dataset.json, e.g. CT or T1,T2 "
                                                           "(nnU-Net normalises channels named CT differently)")
     p.add_argument("--table", metavar="JSON", help="labels.json or dataset.json naming the label values")
+    p.add_argument("--folds", type=int, metavar="N",
+                   help="cross-validation folds in splits_final.json, grouped by subject (default 5, fewer when "
+                        "there are fewer subjects; 0: no file)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the fold assignment (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite an existing dataset folder")
+    add_dataset_options(p, "--real")
     p.set_defaults(func=run_nnunet)
 
 
@@ -40,11 +51,21 @@ def run_nnunet(args) -> int:
     from medlsdm.data.export import export_nnunet
 
     names = [n.strip() for n in args.channel_names.split(",")] if args.channel_names else None
-    result = export_nnunet(args.out, args.dataset_id, args.name, real=args.real, synthetic=args.synthetic,
-                           labels=args.labels, mix=args.mix, synthetic_per_case=args.synthetic_per_case,
-                           file_ending=args.file_ending, channel_names=names, table=args.table, force=args.force)
+    result = export_nnunet(args.out, args.dataset_id, args.name, real=dataset_source(args.real, args),
+                           synthetic=args.synthetic, labels=args.labels, mix=args.mix,
+                           synthetic_per_case=args.synthetic_per_case, file_ending=args.file_ending,
+                           channel_names=names, table=args.table, folds=args.folds, seed=args.seed,
+                           force=args.force)
     print(f"wrote {result.path}: {result.count('real')} real + {result.count('synthetic')} synthetic cases, "
           f"channels {', '.join(result.channel_names)}")
+    if result.left_out:
+        print(f"left out {len(result.left_out)} synthetic volume(s) made from test label maps "
+              f"(listed in medlsdm_export.json)")
+    for note in result.notes:
+        print(note)
+    if result.folds:
+        print(f"splits_final.json: {max(result.folds.values()) + 1} folds grouped by subject; copy it to "
+              f"nnUNet_preprocessed/{result.path.name}/ after nnUNetv2_plan_and_preprocess")
     print("labels: " + ", ".join(f"{v} {n}" for v, n in sorted(result.label_table.names.items())))
     renumbered = {k: v for k, v in result.label_mapping.items() if k != v}
     if renumbered:

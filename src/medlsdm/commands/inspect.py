@@ -6,8 +6,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# Files naming label values, looked for beside a label map and one folder up (generic layout:
-# DATA/labels.json beside DATA/labels/; nnU-Net: dataset.json beside labelsTr/).
+# Files naming label values belong to a label map's dataset when they lie beside it, or one folder
+# up when the map is in a dataset's label folder (generic: DATA/labels.json beside DATA/labels/;
+# nnU-Net: dataset.json beside labelsTr/). A table elsewhere up the tree names another dataset.
+LABEL_FOLDERS = ("labels", "labelsTr", "labelsTs", "segmentations")
+# DICOM modalities (0008,0060) of images, never label maps.
+IMAGE_MODALITIES = {"CT", "MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "OT", "SC", "ST"}
+# Label maps hold few non-negative values; an image with few values is rare and the name or an
+# explicit --as tells. Above MAX_LABELS distinct values a file is an image whatever its name.
+FEW_VALUES, MAX_LABELS = 32, 256
+LABEL_NAME = ("seg", "label", "mask", "annotation")
 
 
 def register(subparsers) -> None:
@@ -19,8 +27,10 @@ def register(subparsers) -> None:
             "intensity range (min, percentiles, max), or for a label map each value with its voxel count "
             "and name, of FILE: a NIfTI/NRRD/MHA file or DICOM-series folder, a prepared dataset "
             "(PREPARED: summary; PREPARED/ID or --case ID: one case) or a prepared .npy array "
-            "(PREPARED/images/ID.npy, PREPARED/labels/ID.npy). Label names come from --table, else "
-            "labels.json/dataset.json beside the label map (or one folder up), else the manifest."
+            "(PREPARED/images/ID.npy, PREPARED/labels/ID.npy). A file is read as a label map when it holds "
+            "few non-negative whole values and is no DICOM image series (or with --as label). Label names "
+            "come from --table, else labels.json/dataset.json beside the label map (or one folder up from a "
+            "labels/, labelsTr/ folder), else the layout's own table (BraTS, autoPET), else the manifest."
         ),
     )
     parser.add_argument("file", metavar="FILE", help="volume file, DICOM folder, prepared dataset, PREPARED/ID or .npy")
@@ -29,6 +39,9 @@ def register(subparsers) -> None:
                         help="label table {\"0\": \"background\", ...} or dataset.json naming the values")
     parser.add_argument("--case", metavar="ID", help="case ID, when FILE is a prepared dataset")
     parser.add_argument("--png", metavar="OUT.png", help="write axial | coronal | sagittal planes here")
+    parser.add_argument("--as", dest="kind", choices=["image", "label"],
+                        help="read FILE as an image or a label map (default: decided from its values, its DICOM "
+                             "modality and its name; the decision is printed)")
     parser.set_defaults(func=run)
 
 
@@ -49,12 +62,57 @@ def _is_label_like(array) -> bool:
     return bool(np.all(np.isfinite(array)) and np.all(array == np.round(array)))
 
 
-def describe_values(array, names: dict[int, str] | None = None, channel_names=None) -> list[str]:
-    """Lines: label values with voxel counts (and names), or per-channel intensity ranges."""
+def label_map_verdict(array, path: Path | None = None, modality: str | None = None) -> tuple[bool, str]:
+    """(is it a label map?, why): integer-like 3D values, no negative ones, few distinct values
+    (up to FEW_VALUES, or MAX_LABELS when the name says segmentation), not a DICOM image series."""
+    import numpy as np
+
+    if array.ndim != 3:
+        return False, f"{array.ndim}D array"
+    if modality in IMAGE_MODALITIES:
+        return False, f"DICOM series of modality {modality}"
+    if not _is_label_like(array):
+        return False, f"{array.dtype} values, not a few whole numbers"
+    lo = array.min()
+    if lo < 0:
+        return False, f"negative values (min {lo})"
+    sample = np.asarray(array.ravel()[:: max(1, array.size // 200_000)])
+    if np.unique(sample).size > MAX_LABELS:  # cheap on a sample: a CT or MR image stops here
+        return False, f"more than {MAX_LABELS} distinct values"
+    n = np.unique(array).size
+    named = path is not None and (any(w in path.name.lower() for w in LABEL_NAME) or path.parent.name in LABEL_FOLDERS)
+    if n > MAX_LABELS or (n > FEW_VALUES and not named):
+        return False, f"{n} distinct values"
+    return True, f"{n} distinct whole values" + (", named as a segmentation" if named else "")
+
+
+def _dicom_modality(folder: Path) -> str | None:
+    """The Modality (0008,0060) of the first file of a DICOM series folder, if it has one."""
+    import SimpleITK as sitk
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    reader = sitk.ImageFileReader()
+    for path in files[:1]:
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None
+        if reader.HasMetaDataKey("0008|0060"):
+            return reader.GetMetaData("0008|0060").strip().upper()
+    return None
+
+
+def describe_values(array, names: dict[int, str] | None = None, channel_names=None,
+                    as_label: bool | None = None) -> list[str]:
+    """Lines: label values with voxel counts (and names), or per-channel intensity ranges.
+    `as_label` None: label values when ``label_map_verdict`` says so."""
     import numpy as np
 
     array = np.asarray(array)
-    if _is_label_like(array) and array.ndim == 3:
+    if as_label is None:
+        as_label = label_map_verdict(array)[0]
+    if as_label:
         values, counts = np.unique(array.astype(np.int64), return_counts=True)
         lines = ["label values (value: voxels, fraction[, name]):"]
         for v, c in zip(values.tolist(), counts.tolist()):
@@ -95,10 +153,31 @@ def describe_geometry(shape, affine, dtype) -> list[str]:
 def _table_lines(args, label_path: Path) -> tuple[dict[int, str] | None, list[str]]:
     from medlsdm.data.labels import find_label_table, read_label_table
 
-    path = Path(args.table) if args.table else find_label_table([label_path.parent, label_path.parent.parent])
-    if path is None:
+    if args.table:
+        return read_label_table(args.table).names, [f"label table: {args.table}"]
+    if label_path.is_dir():  # a DICOM series: a table beside its folder names other files
         return None, []
-    return read_label_table(path).names, [f"label table: {path}"]
+    folder = label_path.parent
+    path = find_label_table([folder] + ([folder.parent] if folder.name in LABEL_FOLDERS else []))
+    if path is not None:
+        return read_label_table(path).names, [f"label table: {path}"]
+    layout, table = _layout_table(label_path)
+    if table is not None:
+        return table.names, [f"label table: the {layout} layout's"]
+    return None, []
+
+
+def _layout_table(label_path: Path):
+    """(layout, its label table) for a label file named as a known dataset names them."""
+    from medlsdm.data import layouts
+
+    layout = layouts.label_file_layout(label_path)
+    if layout == "brats":
+        is_2023 = layouts.volume_stem(label_path).lower().endswith("-seg")
+        return layout, layouts.BRATS_TABLE_2023 if is_2023 else layouts.BRATS_TABLE_2021
+    tables = {"autopet": layouts.AUTOPET_TABLE, "synthrad2023": layouts.SYNTHRAD_MASK_TABLE,
+              "duke": layouts.DUKE_TABLE}
+    return layout, tables.get(layout)
 
 
 # --------------------------------------------------------------------------------- targets
@@ -109,26 +188,42 @@ def _inspect_file(args) -> tuple[list[str], object, object]:
 
     from medlsdm.data.io import check_same_grid, read_volume
     from medlsdm.data.preprocess import volume_in_model_layout
+    from medlsdm.errors import MedlsdmError
 
+    if args.kind == "label" and args.labels:
+        raise MedlsdmError("--as label and --labels: FILE is the image when --labels names its label map")
     volume = read_volume(args.file)
+    path = Path(args.file)
+    modality = _dicom_modality(path) if path.is_dir() else None
     lines = [f"file: {args.file}", *describe_geometry(volume.array.shape, volume.affine, volume.array.dtype)]
+    if modality:
+        lines.append(f"DICOM modality: {modality}")
     if volume.array.ndim == 4:
         lines.append(f"channels: {volume.array.shape[0]}")
     image, label = volume_in_model_layout(volume), None
+    if args.kind == "label" or (args.kind is None and not args.labels):
+        as_label, why = ((True, "--as label") if args.kind == "label"
+                         else label_map_verdict(volume.array, path, modality))
+        if as_label and volume.array.ndim != 3:
+            raise MedlsdmError(f"{path}: --as label needs a 3D volume, got shape {volume.array.shape}")
+        lines.append(f"read as: {'label map' if as_label else 'image'} ({why})"
+                     + ("" if args.kind else f"; --as {'image' if as_label else 'label'} to read it otherwise"))
+    else:
+        as_label = False
     if args.labels:
         names, table_lines = _table_lines(args, Path(args.labels))
         label_volume = read_volume(args.labels)
         check_same_grid(volume, label_volume, what="image and --labels")
-        lines += describe_values(volume.array)
+        lines += describe_values(volume.array, as_label=False)
         lines += [f"labels: {args.labels}", *table_lines,
-                  *describe_values(np.round(label_volume.array).astype(np.int64), names)]
+                  *describe_values(np.round(label_volume.array).astype(np.int64), names, as_label=True)]
         label = volume_in_model_layout(label_volume)
-    elif _is_label_like(volume.array) and volume.array.ndim == 3:
-        names, table_lines = _table_lines(args, Path(args.file))
-        lines += [*table_lines, *describe_values(volume.array, names)]
+    elif as_label:
+        names, table_lines = _table_lines(args, path)
+        lines += [*table_lines, *describe_values(np.round(volume.array).astype(np.int64), names, as_label=True)]
         image, label = None, image
     else:
-        lines += describe_values(volume.array)
+        lines += describe_values(volume.array, as_label=False)
     return lines, image, label
 
 
@@ -157,7 +252,8 @@ def _inspect_prepared(root: Path, case_id: str, table: str | None) -> tuple[list
              f"image: {root / case['image']}", f"label map: {root / case['label']}",
              *describe_geometry(image.shape, prepared_affine(case["record"]), image.dtype),
              "axes: (C, D, H, W) = channels, inferior->superior, posterior->anterior, left->right",
-             *describe_values(image, channel_names=manifest["channels"]), *describe_values(label, names)]
+             *describe_values(image, channel_names=manifest["channels"], as_label=False),
+             *describe_values(label, names, as_label=True)]
     return lines, image, label
 
 
@@ -172,10 +268,12 @@ def _inspect_array(path: Path) -> tuple[list[str], object, object]:
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read as a .npy array ({exc})") from None
     lines = [f"array: {path} (no manifest.json two folders up, so no geometry; axes taken as (C,) D, H, W)",
-             f"shape: {array.shape}", f"dtype: {array.dtype}", *describe_values(array)]
+             f"shape: {array.shape}", f"dtype: {array.dtype}"]
+    as_label, why = label_map_verdict(array, path)
+    lines += [f"read as: {'label map' if as_label else 'image'} ({why})", *describe_values(array, as_label=as_label)]
     if array.ndim not in (3, 4):
         return lines, None, None
-    if _is_label_like(array) and array.ndim == 3:
+    if as_label:
         return lines, None, array
     return lines, array, None
 

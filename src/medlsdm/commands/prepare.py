@@ -46,6 +46,10 @@ def register(subparsers) -> None:
                              "(default: pre)")
     parser.add_argument("--label-pattern", metavar="TEXT",
                         help="duke: pick the segmentation whose name contains TEXT (default: Dense_and_Vessels)")
+    parser.add_argument("--subject-regex", metavar="REGEX",
+                        help="subject (patient) of each case, searched in its case ID: group 'subject', else "
+                             "group 1, else the whole match (e.g. '^(sub-[0-9]+)_'); default: the layout's "
+                             "subjects, or subjects.csv (case_id,subject_id) in INPUT_DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -60,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
                                              ("label_pattern", args.label_pattern)) if value is not None}
     prepare_dataset(args.input, args.out, config=args.preset or args.config, overrides=overrides,
                     layout=args.layout, seed=args.seed, skip_bad=args.skip_bad, progress=not args.no_progress,
-                    **options)
+                    subject_regex=args.subject_regex, **options)
     return 0

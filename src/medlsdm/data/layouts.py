@@ -35,10 +35,21 @@ Layouts (``discover(root, layout)``; ``"auto"`` tries them in the order of ``LAY
   image is ``<modality>.nii.gz`` (option ``modality``: ``ct`` by default, ``mr`` or ``cbct``). Label
   maps come separately (option ``labels_dir`` holding ``<PATIENT>.nii.gz``, e.g. TotalSegmentator
   output); without it the body ``mask`` is used as a 2-class label map.
+
+Subjects (patients): every case has a ``subject_id``, so that splits and folds keep all scans of
+one patient together. AutoPET: the patient folder; BraTS 2023: the ID without its timepoint
+(``BraTS-GLI-00005-000`` and ``-001`` -> ``BraTS-GLI-00005``); otherwise the case ID. A
+``subjects.csv`` in the dataset root (header ``case_id,subject_id``) or ``subject_regex`` (its
+group ``subject``, else its first group, else the whole match, searched in the case ID) replaces
+the layout's subjects, in any layout.
+
+Case IDs of label files on their own (``case_id_for_label_file``, ``label_maps``) are the IDs the
+layout gives the case, so that what is generated from a label map pairs with its case by name.
 """
 
 from __future__ import annotations
 
+import csv
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -277,6 +288,17 @@ BRATS_TABLE_2023 = LabelTable({0: "background", 1: "necrotic tumour core", 2: "p
                                3: "enhancing tumour"})
 
 
+# BraTS 2023 IDs end in a timepoint: BraTS-GLI-00005-000 and BraTS-GLI-00005-001 are two scans of
+# one patient (the GLI, MEN, MET, PED and SSA tasks name them alike).
+BRATS_TIMEPOINT = re.compile(r"^(?P<subject>BraTS-[A-Za-z]+-\d+)-\d+$")
+
+
+def brats_subject(case_id: str) -> str:
+    """The patient of a BraTS case: the BraTS 2023 ID without its timepoint, else the case ID."""
+    match = BRATS_TIMEPOINT.match(case_id)
+    return match["subject"] if match else case_id
+
+
 def _brats_files(folder: Path) -> dict[str, tuple[Path, int]]:
     """{channel or 'seg': (path, naming era 0=2021 / 1=2023)} for the files in one case folder."""
     found = {}
@@ -317,8 +339,8 @@ def discover_brats(root: Path) -> Discovery:
             unmatched.extend(f"{_rel(p, root)} (case folder lacks {', '.join(missing)})" for p, _ in files.values())
             continue
         eras |= {era for _, era in files.values()}
-        cases.append(Case(folder.name, folder.name, [files[k][0] for k in BRATS_CHANNELS], files["seg"][0],
-                          list(BRATS_CHANNELS)))
+        cases.append(Case(folder.name, brats_subject(folder.name), [files[k][0] for k in BRATS_CHANNELS],
+                          files["seg"][0], list(BRATS_CHANNELS)))
     if len(eras) > 1:
         raise DataError(f"{root}: mixes BraTS 2018-2021 (_t1ce, _seg) and BraTS 2023 (-t1c, -seg) file names, "
                         "whose label values differ; prepare them separately")
@@ -516,6 +538,12 @@ def layout_options(layout: str) -> list[str]:
     return [p for p in inspect.signature(LAYOUTS[layout][1]).parameters if p != "root"]
 
 
+def find_layout(root: str | Path) -> str | None:
+    """The first layout whose folder structure `root` has, or None."""
+    root = Path(root)
+    return next((name for name, (detect, _, _) in LAYOUTS.items() if root.is_dir() and detect(root)), None)
+
+
 def detect_layout(root: str | Path, layout: str = "auto") -> str:
     """The layout name: `layout` itself when given (checked), else the first one that fits."""
     root = Path(root)
@@ -525,15 +553,16 @@ def detect_layout(root: str | Path, layout: str = "auto") -> str:
         if layout not in LAYOUTS:
             raise ConfigError(f"unknown layout '{layout}' (known: auto, {', '.join(LAYOUTS)})")
         return layout
-    for name, (detect, _, _) in LAYOUTS.items():
-        if detect(root):
-            return name
-    tried = "; ".join(f"{name} ({what})" for name, (_, _, what) in LAYOUTS.items())
-    raise DataError(f"{root}: no known dataset layout found; tried {tried}")
+    name = find_layout(root)
+    if name is None:
+        tried = "; ".join(f"{name} ({what})" for name, (_, _, what) in LAYOUTS.items())
+        raise DataError(f"{root}: no known dataset layout found; tried {tried}")
+    return name
 
 
-def discover(root: str | Path, layout: str = "auto", **options) -> Discovery:
-    """Find the cases of a dataset folder; options are those of the layout (``layout_options``)."""
+def discover(root: str | Path, layout: str = "auto", subject_regex: str | None = None, **options) -> Discovery:
+    """Find the cases of a dataset folder; options are those of the layout (``layout_options``).
+    Subjects come from the layout, ``ROOT/subjects.csv`` or `subject_regex` (module docstring)."""
     root = Path(root)
     name = detect_layout(root, layout)
     unknown = sorted(set(options) - set(layout_options(name)))
@@ -550,4 +579,200 @@ def discover(root: str | Path, layout: str = "auto", **options) -> Discovery:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise DataError(f"{root}: case IDs {duplicates} appear more than once (e.g. in both training and test folders)")
+    assign_subjects(found.cases, root, subject_regex, found.notes)
     return found
+
+
+# ---------------------------------------------------------------------------------- subjects
+
+SUBJECTS_FILE = "subjects.csv"
+
+
+def read_subjects_csv(path: str | Path) -> dict[str, str]:
+    """``{case_id: subject_id}`` from a CSV file with the header ``case_id,subject_id``."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = [[cell.strip() for cell in row] for row in csv.reader(handle) if any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    if not rows or rows[0][:2] != ["case_id", "subject_id"]:
+        raise DataError(f"{path}: expected a CSV file with the header case_id,subject_id and one row per case")
+    out: dict[str, str] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        case, subject = (row + ["", ""])[:2]
+        if not case or not subject:
+            raise DataError(f"{path}, line {line}: empty case_id or subject_id")
+        if out.get(case, subject) != subject:
+            raise DataError(f"{path}: case '{case}' has two subjects ({out[case]}, {subject})")
+        out[case] = subject
+    return out
+
+
+def subject_from_regex(case_id: str, pattern: str | re.Pattern) -> str:
+    """The subject in a case ID: group ``subject``, else group 1, else the whole match."""
+    regex = compile_subject_regex(pattern)
+    match = regex.search(case_id)
+    if match is None:
+        raise DataError(f"case '{case_id}': subject_regex {regex.pattern!r} does not match its ID")
+    if "subject" in regex.groupindex:
+        subject = match["subject"]
+    else:
+        subject = match.group(1) if regex.groups else match.group(0)
+    if not subject:
+        raise DataError(f"case '{case_id}': subject_regex {regex.pattern!r} gives an empty subject")
+    return subject
+
+
+def compile_subject_regex(pattern: str | re.Pattern) -> re.Pattern:
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise ConfigError(f"subject_regex {pattern!r} is not a regular expression ({exc})") from None
+
+
+def assign_subjects(cases: Sequence[Case], root: Path, subject_regex: str | None = None,
+                    notes: list[str] | None = None) -> None:
+    """Replace the layout's subjects by `subject_regex`, else by ``root/subjects.csv`` when present.
+    A case the CSV file does not name is an error: a guess could put one patient in two splits."""
+    notes = notes if notes is not None else []
+    table = root / SUBJECTS_FILE
+    if subject_regex is not None:
+        regex = compile_subject_regex(subject_regex)
+        for case in cases:
+            case.subject_id = subject_from_regex(case.case_id, regex)
+        if table.is_file():
+            notes.append(f"{table} not used: subject_regex given")
+        notes.append(f"subjects from subject_regex {regex.pattern!r}")
+        return
+    if not table.is_file():
+        return
+    subjects = read_subjects_csv(table)
+    missing = [c.case_id for c in cases if c.case_id not in subjects]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise DataError(f"{table}: no subject_id for case(s) {shown}; give a row for every case")
+    for case in cases:
+        case.subject_id = subjects[case.case_id]
+    notes.append(f"subjects from {table}")
+
+
+# ------------------------------------------------------------------------- label maps alone
+
+
+@dataclass(frozen=True)
+class LabelMapFile:
+    """A label map with the case ID (and subject) the dataset's layout gives it."""
+
+    case_id: str
+    subject_id: str
+    path: Path
+    split: str | None = None
+
+
+def label_file_layout(path: Path) -> str:
+    """The layout a lone label file's name and neighbours belong to (for ``layout="auto"``)."""
+    name, stem = path.name.lower(), volume_stem(path).lower()
+    folder = path.parent
+    brats = _brats_files(folder) if folder.is_dir() else {}
+    if ("seg" in brats and brats["seg"][0] == path and len(brats) >= 2) or (
+            stem.startswith("brats") and stem.endswith(tuple(BRATS_SUFFIXES["seg"]))):
+        return "brats"
+    if name in ("seg.nii.gz", "seg.nii") and (_nifti(folder, "CTres") or _nifti(folder, "SUV")):
+        return "autopet"
+    if name in ("mask.nii.gz", "mask.nii") and any(_nifti(folder, m) for m in SYNTHRAD_MODALITIES):
+        return "synthrad2023"
+    if DUKE_ID.search(path.name):
+        return "duke"
+    return "generic"
+
+
+def case_id_for_label_file(path: str | Path, layout: str = "auto", root: str | Path | None = None) -> str:
+    """The case ID the `layout` gives the case of label file `path` (``"auto"``: told by the
+    file's name and neighbours), so that volumes generated from it pair with the case by name.
+
+    BraTS ``BraTS2021_00000/BraTS2021_00000_seg.nii.gz`` -> ``BraTS2021_00000`` (the case folder;
+    for a file outside its case folder the stem without ``_seg``/``-seg``); AutoPET
+    ``PATIENT/STUDY/SEG.nii.gz`` -> ``PATIENT_STUDY`` (``PATIENT`` when SEG lies in the patient
+    folder: the folder is `root`'s child, or without `root` its name starts with ``PETCT_``);
+    SynthRAD ``PATIENT/mask.nii.gz`` -> ``PATIENT``; Duke -> ``Breast_MRI_NNN``; generic and
+    nnU-Net (``labelsTr/CASE.nii.gz``) -> the file name without its suffix.
+    """
+    path = Path(path)
+    if layout == "auto":
+        layout = label_file_layout(path)
+    elif layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout '{layout}' (known: auto, {', '.join(LAYOUTS)})")
+    stem, folder = volume_stem(path), path.parent
+    if layout == "brats":
+        brats = _brats_files(folder) if folder.is_dir() else {}
+        if "seg" in brats and brats["seg"][0] == path and len(brats) >= 2:
+            return folder.name
+        for suffix in BRATS_SUFFIXES["seg"]:
+            if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+                return stem[: -len(suffix)]
+        return stem
+    if layout == "autopet" and volume_stem(path) == AUTOPET_FILES["seg"]:
+        in_patient = folder.parent == Path(root) if root is not None else folder.name.startswith("PETCT_")
+        return _safe_id(folder.name if in_patient else f"{folder.parent.name}_{folder.name}")
+    if layout == "synthrad2023" and stem == "mask":
+        return folder.name
+    if layout == "duke":
+        match = DUKE_ID.search(path.name) or DUKE_ID.search(folder.name)
+        return "Breast_MRI_" + match.group(0)[-3:] if match else stem
+    return stem
+
+
+def _label_files(root: Path, max_depth: int = 3) -> list[Path]:
+    """Volume files under `root` (depth-limited; hidden entries skipped)."""
+    out, level = [], [root]
+    for _ in range(max_depth):
+        nxt = []
+        for folder in level:
+            for child in _entries(folder):
+                if _is_volume(child):
+                    out.append(child)
+                elif child.is_dir():
+                    nxt.append(child)
+        level = nxt
+    return sorted(out)
+
+
+def label_maps(source: str | Path, layout: str = "auto", subject_regex: str | None = None,
+               **options) -> list[LabelMapFile]:
+    """The label maps of `source` with their case IDs and subjects, for generating from them.
+
+    `source` is a label file; a dataset root in a known layout (its cases' label maps, as
+    ``discover`` pairs them); or a folder of label files (searched 3 levels deep, IDs from
+    ``case_id_for_label_file``, subjects from ``subjects.csv`` / `subject_regex` or the ID).
+    A prepared dataset gives the label files it was prepared from (``data.sources``).
+    """
+    source = Path(source)
+    if source.is_file():
+        case_id = case_id_for_label_file(source, layout)
+        subject = subject_from_regex(case_id, subject_regex) if subject_regex else brats_subject(case_id)
+        return [LabelMapFile(case_id, subject, source)]
+    if not source.is_dir():
+        raise DataError(f"{source}: label map file or folder not found")
+    if (source / "manifest.json").is_file() or layout != "auto" or find_layout(source):
+        from medlsdm.data.sources import read_dataset
+
+        found = read_dataset(source, layout=layout, subject_regex=subject_regex, **options)
+        return [LabelMapFile(c.case_id, c.subject_id, Path(c.label_path), c.split) for c in found.cases]
+    if options:
+        raise ConfigError(f"{source}: layout options {', '.join(sorted(options))} need a dataset layout")
+    files = _label_files(source)
+    if not files:
+        raise DataError(f"{source}: no label map files found (NIfTI, NRRD, MHA) up to 3 folders deep")
+    cases, seen = [], {}
+    for path in files:
+        case_id = case_id_for_label_file(path, layout)
+        if case_id in seen:
+            raise DataError(f"{source}: label maps {_rel(seen[case_id], source)} and {_rel(path, source)} "
+                            f"have the same case ID '{case_id}'")
+        seen[case_id] = path
+        cases.append(Case(case_id, brats_subject(case_id), [], path, []))
+    assign_subjects(cases, source, subject_regex)
+    return [LabelMapFile(c.case_id, c.subject_id, c.label_path) for c in cases]

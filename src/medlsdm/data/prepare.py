@@ -19,7 +19,7 @@ from medlsdm.config import save_config, stage_config
 from medlsdm.data.dataset import MANIFEST_FORMAT
 from medlsdm.data.io import Volume, read_image, read_label_map
 from medlsdm.data.labels import LabelTable
-from medlsdm.data.layouts import Case, Discovery, detect_layout, discover
+from medlsdm.data.layouts import Case, Discovery, compile_subject_regex, detect_layout, discover
 from medlsdm.data.preprocess import PREPROCESS_DEFAULTS, intensity_summary, preprocess_case, resolve_spec
 from medlsdm.data.splits import SPLITS, assign_splits
 from medlsdm.errors import ConfigError, DataError
@@ -35,6 +35,10 @@ PREPARE_DEFAULTS = {
     "layout_options": {"labels_dir": None, "modality": None, "image_pattern": None, "label_pattern": None,
                        "channels": None},
     "label_names": None,  # [name0, name1, ...] or {value: name}, when the layout gives no label table
+    # Subject (patient) of each case, searched in its case ID: the group "subject", else group 1,
+    # else the whole match (e.g. '^(sub-\d+)_'). Null: the layout's subjects, or subjects.csv
+    # (case_id,subject_id) in the dataset root. Splits keep all cases of a subject together.
+    "subject_regex": None,
     # Subject-level split: fractions (train, val, test), or subject counts (one may be null for
     # "the rest") that replace the fractions; cases with a split from the layout keep it.
     "split": {"fractions": [0.7, 0.15, 0.15], "counts": None, "seed": 0},
@@ -48,7 +52,7 @@ PREPARE_DEFAULTS = {
 # ------------------------------------------------------------------------------- label tables
 
 
-def _table_from_names(names) -> LabelTable:
+def table_from_names(names) -> LabelTable:
     if isinstance(names, (list, tuple)):
         return LabelTable({i: str(n) for i, n in enumerate(names)})
     if isinstance(names, Mapping):
@@ -102,6 +106,8 @@ def add_brain_label(image: Volume, label: Volume, value: int) -> None:
 def prepare_config(config: str | Mapping | None = None, overrides: Iterable[str] = ()) -> dict:
     cfg = stage_config(PREPARE_DEFAULTS, config, overrides, section="prepare")
     resolve_spec(_spec(cfg))  # fail before reading any file
+    if cfg["subject_regex"] is not None:
+        compile_subject_regex(cfg["subject_regex"])
     return cfg
 
 
@@ -109,9 +115,10 @@ def _spec(cfg: Mapping) -> dict:
     return {key: cfg[key] for key in PREPROCESS_DEFAULTS}
 
 
-def _options(cfg: Mapping, layout: str) -> dict:
-    options = {k: v for k, v in cfg["layout_options"].items() if v is not None}
-    if layout == "synthrad2023":
+def layout_options_for(cfg: Mapping, layout: str) -> dict:
+    """The options a prepare configuration gives the layout's discovery."""
+    options = {k: v for k, v in (cfg.get("layout_options") or {}).items() if v is not None}
+    if layout == "synthrad2023" and cfg.get("modality") is not None:
         options.setdefault("modality", cfg["modality"])
     return options  # discover() refuses options the layout does not take
 
@@ -154,7 +161,7 @@ def _resolve_tables(found: Discovery, cfg: dict) -> tuple[LabelTable | None, Lab
     spec = resolve_spec(_spec(cfg))
     raw = found.label_table
     if raw is None and cfg["label_names"] is not None:
-        raw = _table_from_names(cfg["label_names"])
+        raw = table_from_names(cfg["label_names"])
     brain = None
     if cfg["add_brain_label"]:
         if raw is None:
@@ -204,10 +211,12 @@ def _report_unmatched(found: Discovery) -> None:
 
 def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | None = None,
                     overrides: Iterable[str] = (), layout: str | None = None, seed: int | None = None,
-                    skip_bad: bool = False, progress: bool = True, **layout_options) -> Path:
+                    skip_bad: bool = False, progress: bool = True, subject_regex: str | None = None,
+                    **layout_options) -> Path:
     """Prepare the dataset in `root` into `out` (replaced atomically); returns `out`.
 
-    `layout`, `seed` and `layout_options` (e.g. ``labels_dir``, ``modality``) override the config.
+    `layout`, `seed`, `subject_regex` and `layout_options` (e.g. ``labels_dir``, ``modality``)
+    override the config.
     """
     from tqdm.auto import tqdm
 
@@ -221,11 +230,18 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
         if key not in cfg["layout_options"]:
             raise ConfigError(f"unknown layout option '{key}' (known: {', '.join(cfg['layout_options'])})")
         cfg["layout_options"][key] = str(value) if isinstance(value, Path) else value
+    if subject_regex is not None:
+        cfg["subject_regex"] = subject_regex
+        compile_subject_regex(subject_regex)
+    if cfg["layout_options"].get("labels_dir"):  # absolute, so the recorded config finds it again
+        cfg["layout_options"]["labels_dir"] = str(Path(cfg["layout_options"]["labels_dir"]).resolve())
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise ConfigError(f"{out}: the output folder must not be inside the input folder {root}")
     cfg["layout"] = detect_layout(root, cfg["layout"])
-    found = discover(root, cfg["layout"], **_options(cfg, cfg["layout"]))
+    found = discover(root, cfg["layout"], subject_regex=cfg["subject_regex"], **layout_options_for(cfg, cfg["layout"]))
     _report_unmatched(found)
+    for note in found.notes:
+        log.info("%s", note)
     raw_table, table, spec, brain = _resolve_tables(found, cfg)
     log.info("%s layout: %d case(s) in %s", found.layout, len(found.cases), root)
 

@@ -6,7 +6,8 @@ validation). Splits given by the dataset itself (an ``imagesTs`` folder) are kep
 fractions of the splits so given are then not drawn again from the other subjects.
 
 The split sizes are given either as fractions (train, val, test) or as subject counts
-(``counts``, where one entry may be ``None``: "the rest").
+(``counts``, where one entry may be ``None``: "the rest"). Cross-validation folds
+(``assign_folds``) hold whole subjects too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medlsdm.errors import ConfigError
+from medlsdm.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -99,3 +100,28 @@ def assign_splits(subject_ids: Iterable[str], fractions: Sequence[float] = (0.7,
             out[free[i]] = name
         start += size
     return out
+
+
+def assign_folds(cases_per_subject: Mapping[str, int], n_folds: int = 5, seed: int = 0) -> dict[str, int]:
+    """{subject: fold in 0..n_folds-1} for cross-validation grouped by subject.
+
+    Subjects are permuted with ``numpy.random.default_rng(seed)`` (after sorting, so file order
+    does not matter), then, largest first, each goes to the fold with the fewest cases so far
+    (the lowest index on ties): folds hold whole subjects and about equal numbers of cases.
+    """
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise ConfigError(f"number of folds must be an integer >= 2, got {n_folds!r}")
+    subjects = sorted(map(str, cases_per_subject))
+    if len(subjects) < n_folds:
+        raise DataError(f"{len(subjects)} subject(s) cannot fill {n_folds} folds (every fold needs validation "
+                        f"subjects); use fewer folds")
+    counts = {str(s): int(n) for s, n in cases_per_subject.items()}
+    order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
+    order.sort(key=lambda s: -counts[s])  # stable: ties keep the seeded order
+    load = [0] * n_folds
+    folds = {}
+    for subject in order:
+        fold = min(range(n_folds), key=lambda f: (load[f], f))
+        folds[subject] = fold
+        load[fold] += counts[subject]
+    return folds

@@ -1,19 +1,23 @@
 """Find volumes in evaluation folders and pair synthetic volumes with the real case they came from.
 
-Folders are either flat (one image file per case, the case ID being the file name without its
-extension) or the generic dataset layout (``images/`` and ``labels/``, read with
-``medlsdm.data.layouts.discover``, which also knows multi-channel cases).
+A real folder is anything ``medlsdm prepare`` reads (``medlsdm.data.sources.read_dataset``): a
+dataset root in a known layout (detected, or given as a ``DatasetSource`` with a layout or
+preset), with multi-channel cases (BraTS: 4 modalities) as one case; or a prepared dataset (its
+original files, subjects and splits). Any other folder is flat: one image file per case, the case
+ID being the file name without its extension (label maps from ``labels_dir``; subjects from a
+``subjects.csv`` beside the files, else the case ID).
 
 A synthetic volume generated from the label map of real case ``ID`` is named ``ID.nii.gz`` or
 ``ID_sample<k>.nii.gz`` (k = 0, 1, ...; what ``medlsdm sample`` writes), so one case may have
-several samples. A file whose whole stem is a real case ID pairs with that case even if it ends in
-``_sample<k>``. Files that pair with nothing are reported, not silently dropped.
+several samples; ``<label file stem>_sample<k>`` (e.g. ``BraTS2021_00000_seg_sample0``) pairs too.
+A file whose whole stem is a real case ID pairs with that case even if it ends in ``_sample<k>``.
+Files that pair with nothing are reported, not silently dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +25,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from medlsdm.data.sources import DatasetSource, as_source, case_aliases, find_dataset, split_sample_name
 from medlsdm.errors import DataError
 
 __all__ = [
     "VOLUME_SUFFIXES", "VolumeFiles", "Pair", "Pairing", "volume_stem", "scan_folder",
     "split_sample_name", "pair_by_case", "load_image", "load_label", "check_same_grid",
-    "refuse_same_folder",
+    "refuse_same_folder", "DatasetSource",
 ]
 
 # Longest first, so "x.nii.gz" is stripped as ".nii.gz", not ".gz".
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-_SAMPLE_RE = re.compile(r"^(?P<case>.+)_sample(?P<k>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ class VolumeFiles:
     images: tuple[Path, ...]
     label: Path | None = None
     channel_names: tuple[str, ...] = ()
-    subject_id: str | None = None  # patient, when the layout tells (repeat scans share one)
+    subject_id: str | None = None  # patient (repeat scans share one); the case ID when nothing tells
+    split: str | None = None  # train / val / test when the dataset records it
 
     @property
     def display(self) -> str:
@@ -102,25 +107,36 @@ def _flat_files(folder: Path) -> dict[str, Path]:
 
 def scan_folder(root: str | os.PathLike, what: str = "volumes",
                 labels_dir: str | os.PathLike | None = None) -> dict[str, VolumeFiles]:
-    """``{name: VolumeFiles}`` for a flat folder, a folder with only ``images/``, or a
-    generic-layout folder (``images/`` and ``labels/``, read by ``data.layouts.discover``). ``labels_dir`` (flat, files named by case ID) gives label maps for flat folders
-    or overrides the layout's. ``what`` names the folder's role in error messages."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: {what} folder not found")
-    if (root / "images").is_dir() and (root / "labels").is_dir():
-        found = _scan_generic(root)
+    """``{name: VolumeFiles}`` of a dataset (module docstring; `root` may be a ``DatasetSource``),
+    a flat folder or a folder with only ``images/``. ``labels_dir`` (flat, files named by case ID)
+    gives label maps for flat folders or overrides the dataset's. ``what`` names the folder's role
+    in error messages."""
+    source = as_source(root)
+    if not source.path.is_dir():
+        raise DataError(f"{source.path}: {what} folder not found")
+    found = find_dataset(source)
+    if found is not None:
+        volumes = {c.case_id: VolumeFiles(c.case_id, tuple(Path(p) for p in c.image_paths), Path(c.label_path),
+                                          tuple(c.channel_names or ()), c.subject_id, c.split)
+                   for c in found.cases}
     else:  # flat, or images/ alone (synthetic volumes have no label maps of their own)
-        folder = root / "images" if (root / "images").is_dir() else root
-        found = {stem: VolumeFiles(stem, (path,)) for stem, path in _flat_files(folder).items()}
-    if not found:
-        raise DataError(f"{root}: no {what} found (expected NIfTI files such as CASE.nii.gz, "
-                        f"directly or under images/)")
+        volumes = _flat_volumes(source)
+    if not volumes:
+        raise DataError(f"{source.path}: no {what} found (expected NIfTI files such as CASE.nii.gz, directly or "
+                        f"under images/, or a dataset folder medlsdm prepare reads)")
     if labels_dir is not None:
         labels = _flat_files(_existing_dir(labels_dir, f"{what} labels"))
-        found = {k: VolumeFiles(v.name, v.images, labels.get(k, v.label), v.channel_names, v.subject_id)
-                 for k, v in found.items()}
-    return found
+        volumes = {k: dataclasses.replace(v, label=labels.get(k, v.label)) for k, v in volumes.items()}
+    return volumes
+
+
+def _flat_volumes(source: DatasetSource) -> dict[str, VolumeFiles]:
+    from medlsdm.data.layouts import Case, assign_subjects
+
+    folder = source.path / "images" if (source.path / "images").is_dir() else source.path
+    cases = [Case(stem, stem, [path], None, []) for stem, path in _flat_files(folder).items()]
+    assign_subjects(cases, source.path, source.subject_regex)
+    return {c.case_id: VolumeFiles(c.case_id, tuple(c.image_paths), subject_id=c.subject_id) for c in cases}
 
 
 def _existing_dir(path, what: str) -> Path:
@@ -130,33 +146,15 @@ def _existing_dir(path, what: str) -> Path:
     return path
 
 
-def _scan_generic(root: Path) -> dict[str, VolumeFiles]:
-    from medlsdm.data.layouts import discover
-
-    discovery = discover(root, "generic")
-    return {c.case_id: VolumeFiles(c.case_id, tuple(Path(p) for p in c.image_paths),
-                                   Path(c.label_path) if c.label_path else None,
-                                   tuple(c.channel_names or ()), getattr(c, "subject_id", None))
-            for c in discovery.cases}
-
-
-def split_sample_name(stem: str, case_ids: Sequence[str] | set[str]) -> tuple[str, int | None] | None:
-    """(case ID, sample index or None) for a synthetic file stem, or None if it pairs with no case."""
-    if stem in case_ids:
-        return stem, None
-    match = _SAMPLE_RE.match(stem)
-    if match and match.group("case") in case_ids:
-        return match.group("case"), int(match.group("k"))
-    return None
-
-
 def pair_by_case(real: Mapping[str, VolumeFiles], synthetic: Mapping[str, VolumeFiles],
                  real_dir: str | os.PathLike = "real", synthetic_dir: str | os.PathLike = "synthetic") -> Pairing:
-    """Pair every synthetic volume with its real case by name; a DataError if nothing pairs."""
+    """Pair every synthetic volume with its real case by name (case ID, or the stem of the case's
+    label file); a DataError if nothing pairs."""
     ids = set(real)
+    names = case_aliases((k, v.label) for k, v in real.items())
     pairs, unpaired_syn = [], []
     for stem in sorted(synthetic):
-        hit = split_sample_name(stem, ids)
+        hit = split_sample_name(stem, names)
         if hit is None:
             unpaired_syn.append(stem)
         else:
@@ -227,12 +225,15 @@ def check_same_grid(shape_a: Sequence[int], affine_a, name_a, shape_b: Sequence[
 def refuse_same_folder(**folders: str | os.PathLike | None) -> None:
     """DataError when two roles (e.g. real test and synthetic) point at the same folder, or one
     is inside the other's images/ folder: the reference evaluation loaded "real" and "fake" from
-    one folder, so its synthetic scores were real scores."""
+    one folder, so its synthetic scores were real scores. One dataset read as two disjoint sets
+    of splits (``DatasetSource.splits``, e.g. train and test of a prepared dataset) is allowed."""
     resolved = {role: Path(p).resolve() for role, p in folders.items() if p is not None}
+    splits = {role: getattr(p, "splits", None) for role, p in folders.items() if p is not None}
     roles = list(resolved)
     for i, a in enumerate(roles):
         for b in roles[i + 1:]:
             pa, pb = resolved[a], resolved[b]
-            if pa == pb or pa == pb / "images" or pb == pa / "images":
+            disjoint = splits[a] is not None and splits[b] is not None and not set(splits[a]) & set(splits[b])
+            if (pa == pb and not disjoint) or pa == pb / "images" or pb == pa / "images":
                 raise DataError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} point at the "
                                 f"same folder ({pa}); they must hold different volumes")
