@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from medlsdm.data.io import VOLUME_SUFFIXES, Volume, read_image, read_label_map, volume_stem
+from medlsdm.data.io import Volume, read_image, read_label_map, volume_stem
 from medlsdm.data.labels import remap
 from medlsdm.data.preprocess import SamplingGrid, preprocess_label_map, prepared_affine
 from medlsdm.data.statistics import scheme_warnings
@@ -230,28 +230,13 @@ def prepare_label_map(model: SynthesisModel, path: str | Path, case_id: str | No
                        notes=notes + geo_notes, warnings=warnings)
 
 
-def label_sources(labels: str | Path, layout: str = "auto") -> list[tuple[str, Path, list[Path] | None]]:
-    """(case ID, label file, image files or None) for `labels`: one file, a folder of label map
-    files, or a dataset root in any layout `medlsdm prepare` reads (case IDs from the layout)."""
-    from medlsdm.data.layouts import detect_layout, discover
+def label_sources(labels: str | Path, layout: str = "auto") -> list[tuple[str, Path]]:
+    """(case ID, label file) for `labels`: one file, a folder of label map files, a dataset root
+    in any layout `medlsdm prepare` reads, or a prepared dataset (`medlsdm.data.layouts.label_maps`:
+    case IDs are the layout's, e.g. ``BraTS2021_00000`` for ``BraTS2021_00000_seg.nii.gz``)."""
+    from medlsdm.data.layouts import label_maps
 
-    labels = Path(labels)
-    if labels.is_file():
-        return [(volume_stem(labels), labels, None)]
-    if not labels.is_dir():
-        raise MedlsdmError(f"{labels}: no such file or folder")
-    files = sorted(p for p in labels.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
-    if files and layout == "auto":
-        return [(volume_stem(p), p, None) for p in files]
-    try:
-        found = discover(labels, detect_layout(labels, layout))
-    except MedlsdmError as exc:
-        raise MedlsdmError(f"{labels}: no label map files (.nii.gz, .nii, .nrrd, .mha) and no dataset layout "
-                           f"found ({exc})") from None
-    cases = [c for c in found.cases if c.label_path is not None]
-    if not cases:
-        raise MedlsdmError(f"{labels}: the {found.layout} layout found no label maps")
-    return [(c.case_id, Path(c.label_path), list(c.image_paths)) for c in cases]
+    return [(m.case_id, Path(m.path)) for m in label_maps(labels, layout)]
 
 
 def label_jobs(model: SynthesisModel, labels: str | Path, layout: str = "auto",
@@ -260,9 +245,8 @@ def label_jobs(model: SynthesisModel, labels: str | Path, layout: str = "auto",
     logged one line each."""
     cache: dict = {}
     jobs = []
-    for case_id, path, images in label_sources(labels, layout):
-        job = prepare_label_map(model, path, case_id=case_id, value_map=value_map, images=images, crop=crop,
-                                image_cache=cache)
+    for case_id, path in label_sources(labels, layout):
+        job = prepare_label_map(model, path, case_id=case_id, value_map=value_map, crop=crop, image_cache=cache)
         for note in job.notes:
             log.info("%s: %s", path, note)
         for warning in job.warnings:

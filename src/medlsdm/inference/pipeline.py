@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from medlsdm.data.labels import one_hot
+from medlsdm.data.sources import sample_name
 from medlsdm.errors import MedlsdmError
 from medlsdm.inference.labelmaps import LabelMapJob, label_jobs, parse_label_map
 from medlsdm.inference.model import SynthesisModel, load_model, resolve_device
@@ -157,7 +158,7 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
                                  callback=callback, progress=False, clip_x0=clip_x0,
                                  tile=tile_shape).float().cpu().numpy()
             for j in range(k):
-                name = f"{job.case_id}_sample{start + j}"
+                name = sample_name(job.case_id, start + j)
                 write_sample(out / f"{name}.nii.gz", volumes[j], job.record, intensity)
                 _preview(out / f"{name}.png", volumes[j], job.label)
                 written.append(out / f"{name}.nii.gz")
