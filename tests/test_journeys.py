@@ -35,7 +35,14 @@ def _training_classes(prepared):
     return sorted(classes)
 
 
-def _check_outputs(out, pairs, fill_check=True):
+def _subjects_stay_together(split_of: dict, subject_of: dict) -> None:
+    splits = {}
+    for case, split in split_of.items():
+        splits.setdefault(subject_of[case], set()).add(split)
+    assert all(len(s) == 1 for s in splits.values()), splits
+
+
+def _check_outputs(out, pairs):
     """Every output on its label file's grid, its labelled foreground generated (not the fill
     value written outside the generated window)."""
     for name, label_path in pairs:
@@ -90,12 +97,37 @@ def test_brats2023_journey_follow_ups_and_labels_0_to_3(tmp_path):
     _check_outputs(out, [(e["case_id"], root / e["case_id"] / f"{e['case_id']}-seg.nii.gz")
                          for e in report["label_maps"]])
     assert len(manifest["cases"]) == 8
+    _subjects_stay_together({c["case_id"]: c["split"] for c in manifest["cases"]},
+                            {c["case_id"]: c["subject_id"] for c in manifest["cases"]})
+    # evaluate on the original dataset root: every synthetic volume pairs with its 4-channel case
+    evaluation = tmp_path / "evaluation"
+    assert cli.main(["evaluate", "quality", "--real", str(root), "--synthetic", str(out), "--out", str(evaluation),
+                     "--metrics", "ssim,psnr"]) == 0
+    metrics = json.loads((evaluation / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["pairing"]["n_pairs"] == 8 and not metrics["pairing"]["unpaired_synthetic"]
+    # export nnU-Net from the prepared dataset: synthetic cases in the fold of the case whose map made
+    # them, subjects whole
+    export = tmp_path / "nnUNet_raw"
+    assert cli.main(["export", "nnunet", "--real", str(prepared), "--synthetic", str(out), "--out", str(export),
+                     "--dataset-id", "501", "--name", "Journey", "--folds", "2"]) == 0
+    folds = json.loads((export / "Dataset501_Journey" / "splits_final.json").read_text(encoding="utf-8"))
+    fold_of = {case: k for k, fold in enumerate(folds) for case in fold["val"]}
+    subject = {c["case_id"]: c["subject_id"] for c in manifest["cases"]}
+    real_folds = {}
+    for case, k in fold_of.items():
+        source = case[len("syn_"):].rsplit("_", 1)[0] if case.startswith("syn_") else case
+        real_folds.setdefault(subject[source], set()).add(k)
+    assert real_folds and all(len(k) == 1 for k in real_folds.values())   # a subject, its samples: one fold
 
 
 def test_generic_journey_oblique_anisotropic_map_and_another_scheme(tmp_path):
-    root = journey_data.generic(tmp_path / "generic")
+    subjects = {f"pat{i // 2}_scan{i % 2}": f"patient{i // 2}" for i in range(6)}
+    root = journey_data.generic(tmp_path / "generic", subjects=subjects)
     prepared = tmp_path / "prepared"
     assert cli.main(["prepare", str(root), "--out", str(prepared), "--layout", "generic", *TINY_PREP]) == 0
+    manifest = json.loads((prepared / "manifest.json").read_text(encoding="utf-8"))
+    assert {c["case_id"]: c["subject_id"] for c in manifest["cases"]} == subjects      # from subjects.csv
+    _subjects_stay_together({c["case_id"]: c["split"] for c in manifest["cases"]}, subjects)
     model = _train(prepared, tmp_path / "runs")
     maps = tmp_path / "maps"
     maps.mkdir()
