@@ -2,13 +2,16 @@
 
 Discovery (``data.layouts``) -> per case: read image channels and label map -> optional BraTS
 brain label -> ``data.preprocess.preprocess_case`` -> ``images/ID.npy``, ``labels/ID.npy`` ->
-subject-level seeded splits (``data.splits``) -> ``manifest.json``. The folder is built under a
-temporary name and renamed at the end, so a failed run leaves nothing behind.
+subject-level seeded splits (``data.splits``) -> ``manifest.json``. The output folder is owned
+(``files.owned_output``): new, empty, or prepared before; the dataset is built in a temporary folder
+inside it and moved in at the end (manifest last), so a failed run leaves the folder as it was.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -23,7 +26,7 @@ from medlsdm.data.layouts import Case, Discovery, detect_layout, discover
 from medlsdm.data.preprocess import PREPROCESS_DEFAULTS, intensity_summary, preprocess_case, resolve_spec
 from medlsdm.data.splits import SPLITS, assign_splits
 from medlsdm.errors import ConfigError, DataError
-from medlsdm.files import atomic_directory, write_json
+from medlsdm.files import install, owned_output, staging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def _case_error(case: Case, exc: Exception) -> DataError:
     return DataError(message)
 
 
-def _prepare_case(case: Case, raw_table: LabelTable | None, table: LabelTable | None, spec: dict,
+def _prepare_case(case: Case, root: Path, raw_table: LabelTable | None, table: LabelTable | None, spec: dict,
                   brain: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     try:
         image = read_image(case.image_paths, case.channel_names)
@@ -144,8 +147,14 @@ def _prepare_case(case: Case, raw_table: LabelTable | None, table: LabelTable | 
         raise _case_error(case, exc) from None
     except (ValueError, MemoryError) as exc:  # scipy/numpy failures on odd inputs
         raise _case_error(case, DataError(f"{type(exc).__name__}: {exc}")) from None
-    record["source"] = {"images": [str(p) for p in case.image_paths], "label": str(case.label_path)}
+    record["source"] = {"images": [_relative(p, root) for p in case.image_paths],
+                        "label": _relative(case.label_path, root)}
     return image_array, label_array, record
+
+
+def _relative(path, root: Path) -> str:
+    """`path` relative to `root` (POSIX form), so a manifest names no absolute location."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
 
 
 def _resolve_tables(found: Discovery, cfg: dict) -> tuple[LabelTable | None, LabelTable | None, dict, int | None]:
@@ -202,11 +211,22 @@ def _report_unmatched(found: Discovery) -> None:
             log.warning("  ... and %d more", len(found.unmatched) - 20)
 
 
+def _is_prepared(folder: Path) -> bool:
+    """A prepared dataset written before output folders were marked."""
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | None = None,
                     overrides: Iterable[str] = (), layout: str | None = None, seed: int | None = None,
-                    skip_bad: bool = False, progress: bool = True, **layout_options) -> Path:
-    """Prepare the dataset in `root` into `out` (replaced atomically); returns `out`.
+                    skip_bad: bool = False, progress: bool = True, overwrite: bool = False,
+                    **layout_options) -> Path:
+    """Prepare the dataset in `root` into `out`; returns `out`.
 
+    `out` must be new, empty or a prepared dataset (replaced); `overwrite` allows any other
+    folder (only the entries a prepared dataset has are replaced; inputs never are).
     `layout`, `seed` and `layout_options` (e.g. ``labels_dir``, ``modality``) override the config.
     """
     from tqdm.auto import tqdm
@@ -221,8 +241,11 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
         if key not in cfg["layout_options"]:
             raise ConfigError(f"unknown layout option '{key}' (known: {', '.join(cfg['layout_options'])})")
         cfg["layout_options"][key] = str(value) if isinstance(value, Path) else value
+    if not root.is_dir():
+        raise DataError(f"{root}: input folder not found")
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise ConfigError(f"{out}: the output folder must not be inside the input folder {root}")
+    inputs = [root] + [cfg["layout_options"][k] for k in ("labels_dir",) if cfg["layout_options"][k]]
     cfg["layout"] = detect_layout(root, cfg["layout"])
     found = discover(root, cfg["layout"], **_options(cfg, cfg["layout"]))
     _report_unmatched(found)
@@ -236,13 +259,13 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
             raise DataError(f"{root}: case IDs '{names[name]}' and '{case.case_id}' give the same file name")
         names[name] = case.case_id
 
-    with atomic_directory(out) as tmp:
+    with owned_output(out, "prepare", inputs, overwrite, recognise=_is_prepared), staging(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
         done, skipped, values = [], [], set()
         for case in tqdm(found.cases, desc="prepare", unit="case", disable=not progress):
             try:
-                image, label, record = _prepare_case(case, raw_table, table, spec, brain)
+                image, label, record = _prepare_case(case, root, raw_table, table, spec, brain)
             except DataError as exc:
                 if not skip_bad:
                     raise
@@ -251,6 +274,9 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
                 continue
             name = _file_name(case.case_id)
             np.save(tmp / "images" / f"{name}.npy", image.astype(np.float32))
+            if label.max() > np.iinfo(np.uint8).max:  # never a narrowing cast: prepared labels are uint8
+                raise DataError(f"{case.label_path}: {int(label.max()) + 1} label values after mapping; "
+                                "a prepared dataset holds at most 256 (values 0..255)")
             np.save(tmp / "labels" / f"{name}.npy", label.astype(np.uint8))
             values |= set(np.unique(label).tolist())
             done.append((case, name, record))
@@ -269,7 +295,7 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
             "spec": {**spec, "label_mapping": None if spec["label_mapping"] is None else
                      {str(k): v for k, v in spec["label_mapping"].items()}},
             "intensity": intensity_summary(train_records),
-            "layout": found.layout, "source": str(root.resolve()),
+            "layout": found.layout, "source": _relative(root, out),  # case sources are relative to it
             "split": {**cfg["split"], "cases": {s: sum(c["split"] == s for c in cases) for s in SPLITS},
                       "subjects": {s: len({c["subject_id"] for c in cases if c["split"] == s}) for s in SPLITS}},
             "skipped": skipped,
@@ -278,6 +304,7 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
         write_json(tmp / "manifest.json", manifest)
         save_config({"prepare": cfg}, tmp / "prepare.yaml")
         (tmp / "unmatched.txt").write_text("".join(f"{line}\n" for line in found.unmatched), encoding="utf-8")
+        install(tmp, out, inputs, last=["manifest.json"])
     counts = manifest["split"]["cases"]
     log.info("prepared %d case(s) (train %d, val %d, test %d%s) in %s", len(cases), counts["train"], counts["val"],
              counts["test"], f", {len(skipped)} skipped" if skipped else "", out)
