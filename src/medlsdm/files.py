@@ -57,6 +57,39 @@ def _fsync_tree(folder: Path) -> None:
         fsync_path(root)
 
 
+def _reason(exc: OSError) -> str:
+    return "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+
+
+def save_array(path: str | os.PathLike, array) -> None:
+    """``np.save`` without pickling (plain arrays only); a write error names the file."""
+    import numpy as np
+
+    try:
+        np.save(path, array, allow_pickle=False)
+    except OSError as exc:
+        raise MedlsdmError(f"{path}: cannot write ({_reason(exc)})") from exc
+
+
+def load_array(path: str | os.PathLike, mmap_mode: str | None = "r"):
+    """``np.load`` of a plain array (never a pickle); a missing, corrupt or pickled file is a
+    one-line error naming it."""
+    import numpy as np
+
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise MedlsdmError(f"{path}: file not found") from None
+    except (ValueError, OSError, EOFError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "allow_pickle" in text or "Python objects" in text:
+            text = "holds pickled Python objects, refused (expected a plain array)"
+        raise MedlsdmError(f"{path}: cannot read as an array ({text})") from None
+    if not isinstance(array, np.ndarray):
+        raise MedlsdmError(f"{path}: expected one array (.npy), got {type(array).__name__}")
+    return array
+
+
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create `path` (and parents) and check it can be written; a clear error otherwise."""
     path = Path(path)
@@ -87,6 +120,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         fsync_path(tmp_path)
         os.replace(tmp_path, path)
         fsync_path(path.parent)
+    except OSError as exc:  # a full disk, a quota: name the file being written
+        tmp_path.unlink(missing_ok=True)
+        raise MedlsdmError(f"{path}: cannot write ({_reason(exc)})") from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -26,7 +26,7 @@ from medlsdm.data.layouts import Case, Discovery, detect_layout, discover
 from medlsdm.data.preprocess import PREPROCESS_DEFAULTS, intensity_summary, preprocess_case, resolve_spec
 from medlsdm.data.splits import SPLITS, assign_splits
 from medlsdm.errors import ConfigError, DataError
-from medlsdm.files import install, owned_output, staging, write_json
+from medlsdm.files import install, owned_output, save_array, staging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +273,11 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
                 skipped.append({"case_id": case.case_id, "error": str(exc)})
                 continue
             name = _file_name(case.case_id)
-            np.save(tmp / "images" / f"{name}.npy", image.astype(np.float32))
+            save_array(tmp / "images" / f"{name}.npy", image.astype(np.float32))
             if label.max() > np.iinfo(np.uint8).max:  # never a narrowing cast: prepared labels are uint8
                 raise DataError(f"{case.label_path}: {int(label.max()) + 1} label values after mapping; "
                                 "a prepared dataset holds at most 256 (values 0..255)")
-            np.save(tmp / "labels" / f"{name}.npy", label.astype(np.uint8))
+            save_array(tmp / "labels" / f"{name}.npy", label.astype(np.uint8))
             values |= set(np.unique(label).tolist())
             done.append((case, name, record))
         if not done:
