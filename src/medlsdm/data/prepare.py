@@ -21,7 +21,7 @@ import numpy as np
 from medlsdm.config import save_config, stage_config
 from medlsdm.data.dataset import MANIFEST_FORMAT
 from medlsdm.data.io import Volume, read_image, read_label_map
-from medlsdm.data.labels import LabelTable
+from medlsdm.data.labels import LabelTable, label_dtype
 from medlsdm.data.layouts import Case, Discovery, detect_layout, discover
 from medlsdm.data.preprocess import PREPROCESS_DEFAULTS, intensity_summary, preprocess_case, resolve_spec
 from medlsdm.data.splits import SPLITS, assign_splits
@@ -96,7 +96,7 @@ def add_brain_label(image: Volume, label: Volume, value: int) -> None:
     inside = np.any(array != 0, axis=0) if array.ndim == 4 else array != 0
     out = label.array.astype(np.int64)
     out[(out == 0) & inside] = value
-    label.array = out.astype(label.array.dtype if value <= np.iinfo(label.array.dtype).max else np.int16)
+    label.array = out.astype(label_dtype(out, str(label.path)))
 
 
 # ---------------------------------------------------------------------------------- config

@@ -281,7 +281,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
         real_arr, real_aff = load_image(pairs[0].real)
         lo, hi = case_ranges[case_id]
         dr = data_range if data_range is not None else (hi - lo if hi > lo else 1.0)
-        fg = _foreground(pairs[0].real, real_arr) if mask == "foreground" else None
+        fg = _foreground(pairs[0].real, real_arr, real_aff) if mask == "foreground" else None
         samples = []
         for pair in pairs:
             fake, fake_aff = load_image(pair.synthetic)
@@ -328,10 +328,11 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
     return data
 
 
-def _foreground(files: VolumeFiles, image: np.ndarray) -> np.ndarray:
-    label, _ = load_label(files.label)
-    if label.shape != image.shape[1:]:
-        raise DataError(f"{files.label}: label map shape {label.shape} differs from image {files.display} {image.shape[1:]}")
+def _foreground(files: VolumeFiles, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The label map's foreground, which must lie on the image's grid: same shape and affine (a
+    map shifted or rotated against the image would mask the wrong anatomy)."""
+    label, label_affine = load_label(files.label)
+    check_same_grid(label.shape, label_affine, str(files.label), image.shape[1:], affine, files.display)
     return label > 0
 
 
