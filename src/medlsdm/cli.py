@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medlsdm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--max-volume-gb", type=float, metavar="GB",
+                        help="largest volume a reader allocates, from its header (default 4, or "
+                             "$MEDLSDM_MAX_VOLUME_GB); larger files are refused before reading")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    if args.max_volume_gb is not None:
+        import os
+
+        os.environ["MEDLSDM_MAX_VOLUME_GB"] = str(args.max_volume_gb)  # read by medlsdm.data.io
     _flush_subnormals()
     try:
         result = args.func(args)

@@ -324,18 +324,17 @@ def _remove_if_unused(path: Path, created: bool) -> None:
 
 
 @contextlib.contextmanager
-def owned_file(path: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False) -> Iterator[Path]:
-    """A single output file: refused when it exists (unless `overwrite`) or is one of `inputs`
-    (always); its folder is created; a lock beside it (``.NAME.lock``) keeps a concurrent writer
-    of the same file out. Write it with `atomic_output` inside the block."""
+def owned_target(path: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False) -> Iterator[Path]:
+    """One output written as a whole (a file, or a folder that `atomic_directory` replaces):
+    refused when it exists (unless `overwrite`) and always when it is, or holds, one of `inputs`;
+    its parent is created; a lock beside it (``.NAME.lock``) makes a concurrent writer of the
+    same output fail at once. Write it atomically inside the block."""
     path = Path(path)
     conflict = _input_conflict(path, _resolved(inputs))
     if conflict is not None and conflict[0] in ("is", "above"):
-        raise MedlsdmError(f"{path}: the output would replace an input; choose another output file")
-    if path.is_dir():
-        raise MedlsdmError(f"{path}: is a folder; give an output file name")
-    if path.exists() and not overwrite:
-        raise MedlsdmError(f"{path}: file exists (use --overwrite to replace it)")
+        raise MedlsdmError(f"{path}: the output would replace the input {conflict[1]}; choose another output")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise MedlsdmError(f"{path}: exists (use --overwrite to replace it)")
     ensure_writable_dir(path.parent)
     lock = OutputLock(path.with_name(f".{path.name}.lock"), path)
     try:
