@@ -348,10 +348,11 @@ def _nifti_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, descrip: str | None = None) -> None:
     """Write NIfTI atomically with qform and sform both set to `affine` (code 1, scanner
     anatomical, so readers preferring either get the same grid); (C, X, Y, Z) arrays are
-    written as 4D (X, Y, Z, C)."""
+    written as 4D (X, Y, Z, C). The header is new: nothing of an input's header is copied
+    (`descrip`, at most 80 characters, is the only text written into it)."""
     import nibabel as nib
 
     array = np.asarray(array)
@@ -361,5 +362,60 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None
     image = nib.Nifti1Image(_nifti_dtype(array, Path(path)), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
+    if descrip is not None:
+        image.header["descrip"] = descrip.encode("ascii", "replace")[:80]
     with atomic_output(path) as tmp:
         nib.save(image, str(tmp))
+
+
+# ------------------------------------------------------------------ synthetic volumes' provenance
+
+SYNTHETIC_DESCRIP = "medlsdm synthetic image, not a patient scan"
+
+
+def provenance_path(path: str | Path) -> Path:
+    """The JSON sidecar of a synthetic volume: ``CASE_sample0.nii.gz`` -> ``CASE_sample0.json``."""
+    path = Path(path)
+    return path.with_name(volume_stem(path) + ".json")
+
+
+def synthetic_provenance(model_dir: str | Path, sampler: str, steps: int | None, guidance: float | None,
+                         seed: int, label_path: str | Path | None, sample_index: int = 0) -> dict:
+    """What made a synthetic volume, without identities or absolute paths: the model (its folder's
+    name and the SHA-256 of its weights), the sampler, the seed, and the label map's case ID."""
+    from medlsdm import __version__
+    from medlsdm.files import file_sha256
+
+    model_dir = Path(model_dir)
+    weights = model_dir / "diffusion.safetensors" if model_dir.is_dir() else model_dir
+    return {
+        "synthetic": True,
+        "generator": f"medlsdm {__version__}",
+        "model": {"name": model_dir.name, "weights_sha256": file_sha256(weights) if weights.is_file() else None},
+        "sampler": {"name": sampler, "steps": steps, "guidance": guidance},
+        "seed": int(seed),
+        "sample_index": int(sample_index),
+        "label_map_case_id": None if label_path is None else volume_stem(label_path),
+    }
+
+
+def write_synthetic_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, provenance: dict) -> Path:
+    """Write a synthetic volume marked as such: header ``descrip`` `SYNTHETIC_DESCRIP`, and the
+    JSON sidecar `provenance_path` holding `provenance` (see `synthetic_provenance`). Returns the
+    sidecar's path."""
+    from medlsdm.files import write_json
+
+    if not provenance.get("synthetic"):
+        raise ValueError("provenance of a synthetic volume must say synthetic: true")
+    write_nifti(path, array, affine, descrip=SYNTHETIC_DESCRIP)
+    sidecar = provenance_path(path)
+    write_json(sidecar, provenance)
+    return sidecar
+
+
+def is_synthetic(path: str | Path) -> bool:
+    """Whether a NIfTI file carries the synthetic mark in its header."""
+    import nibabel as nib
+
+    descrip = bytes(nib.load(str(path)).header["descrip"]).split(b"\0")[0].decode("ascii", "replace")
+    return descrip == SYNTHETIC_DESCRIP
