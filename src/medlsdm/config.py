@@ -182,9 +182,12 @@ def stage_config(defaults: Mapping, config: str | Mapping | None = None, overrid
             # otherwise be ignored by every stage.
             for key in data:
                 if key not in STAGE_SECTIONS:
+                    hint = nearest(key, STAGE_SECTIONS)
+                    if not hint and nearest(key, defaults):
+                        hint = nearest(key, defaults)[:-2] + f" inside '{section}:'?)"
                     raise ConfigError(f"{config if isinstance(config, str) else 'config'}: unknown top-level key "
-                                      f"'{key}'{nearest(key, list(STAGE_SECTIONS) + list(defaults))} (a file with "
-                                      f"stage sections may hold only {', '.join(STAGE_SECTIONS)})")
+                                      f"'{key}'{hint} (a file with stage sections may hold only "
+                                      f"{', '.join(STAGE_SECTIONS)})")
             data = data.get(section) or {}
             if not isinstance(data, Mapping):
                 raise ConfigError(f"config section '{section}' must be a mapping, not {data!r}")

@@ -104,8 +104,14 @@ def volume_stem(path: str | Path) -> str:
 
 def _nifti_affine(img, path: Path) -> np.ndarray:
     """The voxel -> world affine by the rule in the module docstring (sform, else qform)."""
+    import nibabel as nib
+
     header = img.header
-    _check_spacing(path, header["pixdim"][1:4])
+    # nibabel repairs some headers on loading (negative voxel sizes become positive): check the
+    # voxel sizes as the file holds them.
+    with nib.openers.ImageOpener(str(path)) as fh:
+        raw = type(header).from_fileobj(fh, check=False)
+    _check_spacing(path, raw["pixdim"][1:4])
     sform, scode = header.get_sform(coded=True)
     qform, qcode = header.get_qform(coded=True)
     if scode > 0 and qcode > 0:
@@ -185,7 +191,9 @@ def _check_itk_header(file_name: str, path: Path, n_files: int = 1) -> None:
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     bits = next((b for b in (8, 16, 32, 64) if f"{b}-bit" in pixel), 64)
     itemsize = bits // 8 * (2 if "complex" in pixel else 1)
-    size = list(reader.GetSize()) + ([n_files] if n_files > 1 else [])
+    size = list(reader.GetSize())
+    if n_files > 1:  # one slice per file
+        size = size[:2] + [n_files]
     check_volume_size(path, size, itemsize * reader.GetNumberOfComponents())
 
 
@@ -269,8 +277,8 @@ def read_volume(path: str | Path) -> Volume:
             array, affine = _read_itk(path)
         else:
             raise DataError(f"{path}: unsupported file type (expected {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)")
-    except DataError:
-        raise
+    except (DataError, MemoryError, PermissionError):
+        raise  # the command line reports memory and permission problems as such
     except RuntimeError as exc:  # SimpleITK wraps every ITK failure in RuntimeError
         raise DataError(f"{path}: cannot read ({_itk_error_text(exc)})") from None
     except Exception as exc:  # nibabel raises many types for broken files (EOFError, OSError, ...)

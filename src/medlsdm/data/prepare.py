@@ -149,6 +149,9 @@ def _prepare_case(case: Case, root: Path, raw_table: LabelTable | None, table: L
         raise _case_error(case, DataError(f"{type(exc).__name__}: {exc}")) from None
     record["source"] = {"images": [_relative(p, root) for p in case.image_paths],
                         "label": _relative(case.label_path, root)}
+    for key in ("path", "image_path"):  # the readers' absolute paths: relative to the dataset root
+        if record.get("original", {}).get(key):
+            record["original"][key] = _relative(record["original"][key], root)
     return image_array, label_array, record
 
 
