@@ -50,7 +50,9 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
 
     before = digests()
     assert main(["demo", "--out", str(out), "--train", "--budget-minutes", "0.15"]) == 0
-    assert digests() == before and len(before) == 4
+    assert digests() == before
+    assert {"runs/autoencoder/autoencoder.safetensors", "runs/diffusion/diffusion.safetensors",
+            "runs/diffusion/autoencoder.safetensors"} <= set(before)
     assert [p.name for p in sorted((out / "synthetic").glob("*.nii.gz"))] == ["subject_004_sample0.nii.gz"]
 
 
