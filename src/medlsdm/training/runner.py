@@ -12,6 +12,7 @@ not ``last.ckpt``. Temporary files of a killed run are removed when the run star
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import io
 import logging
@@ -128,6 +129,7 @@ def _lock_run_dir(run_dir: Path, inputs, overwrite: bool) -> None:
         return
     _RUN_LOCKS[key] = claim_output(run_dir, "train", inputs, overwrite,
                                    recognise=lambda folder: (folder / "config.yaml").is_file())
+    atexit.register(release_run_dir, key)  # a normal exit also removes the lock file
 
 
 def release_run_dir(run_dir: str | Path) -> None:
