@@ -541,3 +541,95 @@ def test_config_values_of_the_right_type_still_load(tmp_path):
     cfg = stage_config({"trainer": dict(TRAINER_DEFAULTS), "optim": {"lr": 1e-4}}, None,
                        ["optim.lr=3e-5", "trainer.devices=auto", "trainer.precision=32", "trainer.max_minutes=0.5"])
     assert cfg["optim"]["lr"] == pytest.approx(3e-5) and cfg["trainer"]["devices"] == "auto"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint(path: Path, step: int) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step, "state_dict": {"w": torch.ones(3)}}, path)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "pickled"])
+def test_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage):
+    import torch
+
+    from medlsdm.training.runner import resume_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    last = _checkpoint(ckpts / "last.ckpt", 40)
+    _checkpoint(ckpts / "previous.ckpt", 30)
+    marker = tmp_path / "ran"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "empty":
+        last.write_bytes(b"")
+    else:
+        torch.save({"global_step": 99, "payload": _Payload(str(marker))}, last)
+    with caplog.at_level(logging.WARNING):
+        chosen = resume_checkpoint(ckpts)
+    assert chosen == ckpts / "last.ckpt"
+    assert torch.load(chosen, weights_only=True)["global_step"] == 30
+    assert "last.ckpt cannot be read" in caplog.text and "resuming from previous.ckpt (step 30) instead" in caplog.text
+    assert (ckpts / "last.corrupt.ckpt").is_file() and not (ckpts / "previous.ckpt").exists()
+    assert not marker.exists()
+
+
+def test_unreadable_checkpoint_without_a_good_one_is_a_one_line_error(tmp_path):
+    import torch
+
+    from medlsdm.cli import user_error
+    from medlsdm.training.runner import resume_checkpoint
+
+    marker = tmp_path / "ran"
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save({"global_step": 5, "payload": _Payload(str(marker))}, ckpts / "last.ckpt")
+    with pytest.raises(MedlsdmError) as info:
+        resume_checkpoint(ckpts)
+    message = user_error(info.value)
+    assert "last.ckpt cannot be read (it holds Python objects, refused" in message
+    assert "no earlier good checkpoint" in message and "\n" not in message
+    assert not marker.exists()
+    assert resume_checkpoint(tmp_path / "none") is None  # a new run starts at step 0, as it should
+
+
+def test_training_into_a_foreign_folder_is_refused(tmp_path):
+    from medlsdm.training.runner import prepare_run_dir
+
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "paper.pdf").write_bytes(b"%PDF")
+    with pytest.raises(MedlsdmError, match="folder is not empty and not created by medlsdm train"):
+        prepare_run_dir(foreign, {"trainer": {}, "data_dir": str(tmp_path / "data")})
+    with pytest.raises(MedlsdmError, match="is inside the input"):
+        prepare_run_dir(tmp_path / "data" / "run", {"trainer": {}, "data_dir": str(tmp_path / "data")})
+
+
+# ---------------------------------------------------------------------------- provenance
+
+
+def test_synthetic_volumes_say_so_without_identity(tmp_path):
+    from medlsdm.data.io import (SYNTHETIC_DESCRIP, is_synthetic, provenance_path, synthetic_provenance,
+                                 write_synthetic_nifti)
+
+    model = tmp_path / "models" / "brats-lsdm"
+    model.mkdir(parents=True)
+    (model / "diffusion.safetensors").write_bytes(b"weights")
+    out = tmp_path / "syn" / "BraTS-0042_sample1.nii.gz"
+    provenance = synthetic_provenance(model, "ddim", 50, 2.5, 7, "/data/patients/BraTS-0042.nii.gz", 1)
+    sidecar = write_synthetic_nifti(out, np.zeros(SHAPE, np.float32), OBLIQUE, provenance)
+    assert sidecar == provenance_path(out) == tmp_path / "syn" / "BraTS-0042_sample1.json"
+    data = json.loads(sidecar.read_text())
+    assert data["synthetic"] is True and data["label_map_case_id"] == "BraTS-0042" and data["seed"] == 7
+    assert data["model"]["name"] == "brats-lsdm" and len(data["model"]["weights_sha256"]) == 64
+    assert data["sampler"] == {"name": "ddim", "steps": 50, "guidance": 2.5}
+    assert str(tmp_path) not in sidecar.read_text() and "/data/patients" not in sidecar.read_text()
+    image = nib.load(str(out))
+    assert is_synthetic(out) and bytes(image.header["descrip"]).rstrip(b"\0").decode() == SYNTHETIC_DESCRIP
+    np.testing.assert_allclose(image.affine, OBLIQUE, atol=1e-4)
+    assert not is_synthetic(nifti(tmp_path / "real.nii.gz", np.zeros(SHAPE, np.float32)))
