@@ -633,3 +633,12 @@ def test_synthetic_volumes_say_so_without_identity(tmp_path):
     assert is_synthetic(out) and bytes(image.header["descrip"]).rstrip(b"\0").decode() == SYNTHETIC_DESCRIP
     np.testing.assert_allclose(image.affine, OBLIQUE, atol=1e-4)
     assert not is_synthetic(nifti(tmp_path / "real.nii.gz", np.zeros(SHAPE, np.float32)))
+
+
+def test_types_are_those_of_the_documented_defaults_not_of_a_preset(tmp_path):
+    from medlsdm.config import stage_config
+    from medlsdm.data.prepare import PREPARE_DEFAULTS
+
+    # The brats preset sets a spacing list; null (keep the file's spacing) is still a valid value.
+    cfg = stage_config(PREPARE_DEFAULTS, "brats", ["spacing=null"], section="prepare")
+    assert cfg["spacing"] is None

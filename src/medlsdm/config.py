@@ -118,22 +118,25 @@ def _yaml_number(default, value):
     return value
 
 
-def merge(base: Mapping, override: Mapping, where: str = "") -> dict:
+def merge(base: Mapping, override: Mapping, where: str = "", schema: Mapping | None = None) -> dict:
     """Deep-merge `override` into a copy of `base`; keys absent from `base` are errors, and
-    values must have the type of the value they replace (`check_type`)."""
+    values must have the type of their value in `schema` (the documented defaults; default
+    `base`), see `check_type`."""
     out = copy.deepcopy(dict(base))
+    schema = out if schema is None else schema
     for key, value in override.items():
         name = f"{where}{key}"
         if key not in out:
             known = ", ".join(sorted(map(str, out))) or "none"
             raise ConfigError(f"unknown config key '{name}'{nearest(key, out)} (known here: {known})")
+        default = schema.get(key, out[key]) if isinstance(schema, Mapping) else out[key]
         if isinstance(out[key], dict) and isinstance(value, Mapping):
-            out[key] = merge(out[key], value, where=f"{name}.")
+            out[key] = merge(out[key], value, where=f"{name}.", schema=default if isinstance(default, Mapping) else None)
         elif isinstance(out[key], dict) and value is not None:
             raise ConfigError(f"config key '{name}' is a section; give it a mapping, not {value!r}")
         else:
-            value = _yaml_number(out[key], value)
-            check_type(name, out[key], value)
+            value = _yaml_number(default, value)
+            check_type(name, default, value)
             out[key] = copy.deepcopy(value)
     return out
 
@@ -158,9 +161,9 @@ def resolve(defaults: Mapping, config: str | Mapping | None = None, overrides: I
     """Defaults, then a preset/YAML file (or mapping), then ``--set`` overrides."""
     cfg = copy.deepcopy(dict(defaults))
     if config is not None:
-        cfg = merge(cfg, load_preset(config) if isinstance(config, str) else config)
+        cfg = merge(cfg, load_preset(config) if isinstance(config, str) else config, schema=defaults)
     for item in overrides:
-        cfg = merge(cfg, parse_override(item))
+        cfg = merge(cfg, parse_override(item), schema=defaults)
     return cfg
 
 
@@ -191,9 +194,9 @@ def stage_config(defaults: Mapping, config: str | Mapping | None = None, overrid
             data = data.get(section) or {}
             if not isinstance(data, Mapping):
                 raise ConfigError(f"config section '{section}' must be a mapping, not {data!r}")
-        cfg = merge(cfg, data, where=f"{section}." if section else "")
+        cfg = merge(cfg, data, where=f"{section}." if section else "", schema=defaults)
     for item in overrides:
-        cfg = merge(cfg, parse_override(item))
+        cfg = merge(cfg, parse_override(item), schema=defaults)
     return cfg
 
 
