@@ -642,3 +642,37 @@ def test_types_are_those_of_the_documented_defaults_not_of_a_preset(tmp_path):
     # The brats preset sets a spacing list; null (keep the file's spacing) is still a valid value.
     cfg = stage_config(PREPARE_DEFAULTS, "brats", ["spacing=null"], section="prepare")
     assert cfg["spacing"] is None
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    import builtins
+
+    import torch
+
+    from medlsdm.training.runner import AtomicCheckpointIO
+
+    last = _checkpoint(tmp_path / "checkpoints" / "last.ckpt", 10)
+    good = last.read_bytes()
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and ".tmp-" in str(file):
+            def write(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            handle.write = write
+        return handle
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(MedlsdmError, match=r"last.ckpt: cannot write \(no space left on device\)"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 12, "w": torch.ones(2)}, last)
+    monkeypatch.undo()
+    assert last.read_bytes() == good and not list(last.parent.glob(".tmp-*"))
+
+
+def test_out_of_memory_from_torch_is_a_user_error():
+    from medlsdm.cli import user_error
+
+    text = user_error(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 TB"))
+    assert text.startswith("out of memory (DefaultCPUAllocator") and "smaller" in text
+    assert user_error(RuntimeError("shape mismatch in a bug")) is None  # a bug keeps its traceback

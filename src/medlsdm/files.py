@@ -156,6 +156,12 @@ def write_json(path: str | os.PathLike, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`path` relative to the folder `root` (POSIX form, ``..`` where needed), so that manifests
+    and reports name no absolute location."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes (hex), read in chunks."""
     import hashlib

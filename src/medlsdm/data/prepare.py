@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -26,7 +25,7 @@ from medlsdm.data.layouts import Case, Discovery, detect_layout, discover
 from medlsdm.data.preprocess import PREPROCESS_DEFAULTS, intensity_summary, preprocess_case, resolve_spec
 from medlsdm.data.splits import SPLITS, assign_splits
 from medlsdm.errors import ConfigError, DataError
-from medlsdm.files import install, owned_output, save_array, staging, write_json
+from medlsdm.files import install, owned_output, relative_path, save_array, staging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +146,13 @@ def _prepare_case(case: Case, root: Path, raw_table: LabelTable | None, table: L
         raise _case_error(case, exc) from None
     except (ValueError, MemoryError) as exc:  # scipy/numpy failures on odd inputs
         raise _case_error(case, DataError(f"{type(exc).__name__}: {exc}")) from None
-    record["source"] = {"images": [_relative(p, root) for p in case.image_paths],
-                        "label": _relative(case.label_path, root)}
+    record["source"] = {"images": [relative_path(p, root) for p in case.image_paths],
+                        "label": relative_path(case.label_path, root)}
     for key in ("path", "image_path"):  # the readers' absolute paths: relative to the dataset root
         if record.get("original", {}).get(key):
-            record["original"][key] = _relative(record["original"][key], root)
+            record["original"][key] = relative_path(record["original"][key], root)
     return image_array, label_array, record
 
-
-def _relative(path, root: Path) -> str:
-    """`path` relative to `root` (POSIX form), so a manifest names no absolute location."""
-    return Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
 
 
 def _resolve_tables(found: Discovery, cfg: dict) -> tuple[LabelTable | None, LabelTable | None, dict, int | None]:
@@ -298,7 +293,7 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
             "spec": {**spec, "label_mapping": None if spec["label_mapping"] is None else
                      {str(k): v for k, v in spec["label_mapping"].items()}},
             "intensity": intensity_summary(train_records),
-            "layout": found.layout, "source": _relative(root, out),  # case sources are relative to it
+            "layout": found.layout, "source": relative_path(root, out),  # case sources are relative to it
             "split": {**cfg["split"], "cases": {s: sum(c["split"] == s for c in cases) for s in SPLITS},
                       "subjects": {s: len({c["subject_id"] for c in cases if c["split"] == s}) for s in SPLITS}},
             "skipped": skipped,

@@ -250,7 +250,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
     """
     from tqdm.auto import tqdm
 
-    from medlsdm.files import ensure_writable_dir, write_json
+    from medlsdm.files import ensure_writable_dir, relative_path, write_json
 
     names, explicit = resolve_metrics(metrics)
     if mask not in (None, "foreground"):
@@ -306,8 +306,9 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
 
     metric_keys = [k for k in (*PAIRED_METRICS, "lpips_vgg", "lpips_alex") if any(k in r for r in per_case)]
     data = {
-        "kind": "medlsdm-quality", "real": str(real), "synthetic": str(synthetic),
-        "labels": None if labels is None else str(labels), "mask": mask,
+        # Input folders relative to this report's folder: no absolute location in a report.
+        "kind": "medlsdm-quality", "real": relative_path(real, out_dir), "synthetic": relative_path(synthetic, out_dir),
+        "labels": None if labels is None else relative_path(labels, out_dir), "mask": mask,
         "mask_note": "SSIM, PSNR, RMSE, MAE inside the mask; MS-SSIM and LPIPS on whole volumes" if mask else None,
         "data_range_rule": f"given: {data_range}" if data_range is not None else "each real volume's max - min",
         "metrics_requested": names, "pairing": pairing.summary(),
