@@ -117,8 +117,10 @@ _RUN_LOCKS: dict[Path, object] = {}  # run dirs this process writes to, locked u
 
 
 def _is_rank_zero() -> bool:
-    """False in the extra processes of a multi-process (DDP) run, which re-run the command."""
-    return all(int(os.environ.get(name, 0) or 0) == 0 for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+    """False in the extra processes of a multi-process (DDP) run, which re-run the command
+    (started by Lightning, torchrun or SLURM's srun)."""
+    names = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
+    return all(int(os.environ.get(name, 0) or 0) == 0 for name in names)
 
 
 def _lock_run_dir(run_dir: Path, inputs, overwrite: bool) -> None:
