@@ -204,25 +204,20 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return _itk_to_volume(sitk.ReadImage(str(path)), path)
 
 
-def _check_slice_positions(files: Sequence[str], folder: Path) -> None:
+def _check_slice_positions(reader, files: Sequence[str], folder: Path) -> None:
     """Slices of a series must be evenly spaced along the slice normal: a missing or duplicated
-    slice would otherwise be read as a regular volume with the wrong anatomy (ITK only warns)."""
-    import SimpleITK as sitk
-
+    slice would otherwise be read as a regular volume with the wrong anatomy (ITK only warns).
+    `reader` is the ImageSeriesReader after `Execute` with its per-slice metadata kept."""
     if len(files) < 3:
         return
     positions, normal = [], None
-    for name in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(name)
-        reader.ReadImageInformation()
-        keys = set(reader.GetMetaDataKeys())
-        if "0020|0032" not in keys or "0020|0037" not in keys:
+    for k, name in enumerate(files):
+        if not (reader.HasMetaDataKey(k, "0020|0032") and reader.HasMetaDataKey(k, "0020|0037")):
             return  # no positions to check (ITK falls back to the slice spacing)
         try:
-            position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+            position = np.array([float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")])
             if normal is None:
-                cosines = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+                cosines = np.array([float(v) for v in reader.GetMetaData(k, "0020|0037").split("\\")])
                 normal = np.cross(cosines[:3], cosines[3:6])
         except ValueError:
             raise DataError(f"{name}: unreadable image position/orientation tags") from None
@@ -249,9 +244,10 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     with _itk_warnings_off():
         _check_itk_header(files[0], folder, n_files=len(files))
-        _check_slice_positions(files, folder)
         reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, read along with the pixels
         image = reader.Execute()
+    _check_slice_positions(reader, files, folder)
     return _itk_to_volume(image, folder)
 
 
