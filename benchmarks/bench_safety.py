@@ -36,21 +36,25 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+SERIES_TAGS = {"0008|0060": "MR", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4", "0020|0037": "1\\0\\0\\0\\1\\0",
+               "0028|0030": "1\\1"}
+
+
 def dicom_series(folder: Path, slices: int, size: int) -> Path:
+    """`slices` axial int16 slices of `size`^2 voxels, 1.5 mm apart, one file each."""
     import SimpleITK as sitk
 
     folder.mkdir(parents=True)
+    volume = (np.random.default_rng(0).random((slices, size, size)) * 1000).astype(np.int16)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    rng = np.random.default_rng(0)
-    for k in range(slices):
-        sl = sitk.GetImageFromArray((rng.random((size, size)) * 1000).astype(np.int16))
-        for tag, value in {"0008|0060": "MR", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4",
-                           "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": f"0\\0\\{1.5 * k}",
-                           "0020|0013": str(k + 1), "0028|0030": "1\\1"}.items():
-            sl.SetMetaData(tag, value)
+    for k, pixels in enumerate(volume):
+        image = sitk.GetImageFromArray(pixels)
+        tags = {**SERIES_TAGS, "0020|0032": f"0\\0\\{1.5 * k}", "0020|0013": str(k + 1)}
+        for tag in tags:
+            image.SetMetaData(tag, tags[tag])
         writer.SetFileName(str(folder / f"{k:04d}.dcm"))
-        writer.Execute(sl)
+        writer.Execute(image)
     return folder
 
 
