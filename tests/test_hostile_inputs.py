@@ -676,3 +676,16 @@ def test_out_of_memory_from_torch_is_a_user_error():
     text = user_error(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 TB"))
     assert text.startswith("out of memory (DefaultCPUAllocator") and "smaller" in text
     assert user_error(RuntimeError("shape mismatch in a bug")) is None  # a bug keeps its traceback
+
+
+def test_second_training_into_a_locked_run_dir_fails_fast(tmp_path):
+    from medlsdm.training.runner import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    held = OutputLock(run / LOCK, run)  # another training process
+    try:
+        with pytest.raises(MedlsdmError, match="another medlsdm command is writing there"):
+            prepare_run_dir(run, {"trainer": {}, "data_dir": str(tmp_path / "data")})
+    finally:
+        held.release()
