@@ -40,6 +40,21 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     assert "Label-map editing" in (out / "evaluation" / "report.md").read_text(encoding="utf-8")
     assert 0.0 <= summary["privacy_flagged"] <= 1.0
 
+    # Re-running into the same folder reuses the trained stages as they are (the diffusion run's
+    # autoencoder must not change under it) and succeeds.
+    import hashlib
+
+    def digests():
+        return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((out / "runs").glob("*/*.safetensors"))}
+
+    before = digests()
+    assert main(["demo", "--out", str(out), "--train", "--budget-minutes", "0.15"]) == 0
+    assert digests() == before
+    assert {"runs/autoencoder/autoencoder.safetensors", "runs/diffusion/diffusion.safetensors",
+            "runs/diffusion/autoencoder.safetensors"} <= set(before)
+    assert [p.name for p in sorted((out / "synthetic").glob("*.nii.gz"))] == ["subject_004_sample0.nii.gz"]
+
 
 def test_shipped_demo_model_samples_on_the_label_maps_grid(tmp_path):
     """The model shipped in the package loads (float16 file, float32 model) and generates."""

@@ -16,7 +16,7 @@ def test_run_dir_resumes_same_config_and_refuses_other(tmp_path):
     run, resume = prepare_run_dir(tmp_path / "run", _cfg())
     assert resume is None and (run / "config.yaml").exists()
     (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 3}, run / "checkpoints" / "last.ckpt")
     # a longer budget is a resumption of the same run
     _, resume = prepare_run_dir(run, _cfg(max_steps=5000))
     assert resume == run / "checkpoints" / "last.ckpt"

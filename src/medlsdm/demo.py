@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from medlsdm.data.edit import Edit
-from medlsdm.files import ensure_writable_dir
+from medlsdm.files import owned_output
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,25 @@ def train_demo_models(prepared: Path, runs: Path, budget_minutes: float, overrid
     from medlsdm.training.diffusion import attach_decoder, train_diffusion
 
     patches = f"data.patch_size=[{patch}, {patch}, {patch}]"
-    train_autoencoder(prepared, runs / "autoencoder", "demo",
-                      [f"trainer.max_minutes={0.3 * budget_minutes}", patches, *overrides])
-    train_diffusion(prepared, runs / "diffusion", runs / "autoencoder", "demo",
-                    [f"trainer.max_minutes={0.5 * budget_minutes}", *overrides])
-    train_autoencoder(prepared, runs / "decoder_spade", "demo",
-                      [f"trainer.max_minutes={0.2 * budget_minutes}", patches, *SPADE_DECODER,
-                       f"init.from={runs / 'autoencoder'}", *overrides])
-    attach_decoder(runs / "diffusion", runs / "decoder_spade")
+    # A stage whose weights exist finished in an earlier run of the demo: it is reused as it is
+    # (resuming it would train it further under a fresh time budget and change the autoencoder
+    # the diffusion run was trained on). A stage that was interrupted resumes from its checkpoint.
+    if not _finished(runs / "autoencoder", "autoencoder"):
+        train_autoencoder(prepared, runs / "autoencoder", "demo",
+                          [f"trainer.max_minutes={0.3 * budget_minutes}", patches, *overrides])
+    if not _finished(runs / "diffusion", "diffusion"):
+        train_diffusion(prepared, runs / "diffusion", runs / "autoencoder", "demo",
+                        [f"trainer.max_minutes={0.5 * budget_minutes}", *overrides])
+    if not _finished(runs / "decoder_spade", "autoencoder"):
+        train_autoencoder(prepared, runs / "decoder_spade", "demo",
+                          [f"trainer.max_minutes={0.2 * budget_minutes}", patches, *SPADE_DECODER,
+                           f"init.from={runs / 'autoencoder'}", *overrides])
+    attach_decoder(runs / "diffusion", runs / "decoder_spade")  # the same files again on a re-run
     return runs / "diffusion"
+
+
+def _finished(run: Path, kind: str) -> bool:
+    return (run / f"{kind}.safetensors").is_file() and (run / f"{kind}.json").is_file()
 
 
 def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minutes: float = 15.0,
@@ -76,7 +86,15 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
              steps: int | None = None, seed: int = 0, segmentation_minutes: float = 2.0,
              segmentation_epochs: int | None = None,
              train_overrides=()) -> dict:
-    """Run the demo into `out`; returns the headline numbers."""
+    """Run the demo into `out` (new, or an earlier demo's folder: what it holds is reused);
+    returns the headline numbers."""
+    with owned_output(out, "demo", recognise=lambda folder: (folder / "cohort" / "dataset.json").is_file()):
+        return _run_demo(Path(out), train, budget_minutes, n_subjects, n_test, shape, spacing, steps, seed,
+                         segmentation_minutes, segmentation_epochs, train_overrides)
+
+
+def _run_demo(out: Path, train, budget_minutes, n_subjects, n_test, shape, spacing, steps, seed,
+              segmentation_minutes, segmentation_epochs, train_overrides) -> dict:
     from medlsdm.data.demo import write_demo_cohort
     from medlsdm.data.prepare import prepare_dataset
     from medlsdm.evaluation.audit import audit_folders
@@ -85,7 +103,6 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
     from medlsdm.evaluation.segmentation import evaluate_segmentation
     from medlsdm.inference import sample_to_files
 
-    out = ensure_writable_dir(out)
     n = 7
     cohort = out / "cohort"
     _step(1, n, f"building the demo cohort ({n_subjects} subjects, {shape}^3 at {spacing} mm) in {cohort}")

@@ -1,7 +1,9 @@
 """`medlsdm evaluate quality|segmentation|privacy|report`: how good and how safe synthetic data is.
 
 Each sub-command writes its JSON and figures into --out and then rebuilds OUT/report.md and
-OUT/report.html from every result found there, so the three can share one folder.
+OUT/report.html from every result found there, so the three can share one folder. --out must be
+new, empty or written by an earlier `medlsdm evaluate` (``medlsdm.files.owned_output``), and must not
+contain or lie inside an input folder; --overwrite allows a foreign folder (inputs are never deleted).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def _quality_parser(kinds) -> None:
     p.add_argument("--synthetic", required=True, help="synthetic volumes (flat folder or images/)")
     p.add_argument("--labels", help="label maps named by case ID (for --mask foreground with a flat --real)")
     p.add_argument("--out", required=True, help="output folder (metrics.json, figures/, report)")
+    _overwrite_option(p)
     p.add_argument("--metrics", help=f"comma-separated subset of {','.join(QUALITY_METRICS)}; default all, "
                                      f"skipping those whose weights are missing (named ones are required)")
     p.add_argument("--data-range", type=float, help="intensity range for SSIM/PSNR (default: each real "
@@ -78,6 +81,7 @@ def _segmentation_parser(kinds) -> None:
     p.add_argument("--synthetic-labels", help="label maps of synthetic training volumes (default: the "
                                               "training label maps with the same case ID)")
     p.add_argument("--out", required=True, help="output folder (segmentation.json, figures/, report)")
+    _overwrite_option(p)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-minutes", type=float, help="total training time, split among protocols (default 10)")
     budget.add_argument("--epochs", type=int, help="epochs per protocol (reproducible, instead of a time budget)")
@@ -98,12 +102,25 @@ def _privacy_parser(kinds) -> None:
                                                   "folder, or a dataset (its training split)")
     p.add_argument("--synthetic", required=True, help="synthetic volumes")
     p.add_argument("--out", required=True, help="output folder (privacy.json, figures/, report)")
+    _overwrite_option(p)
     p.add_argument("--similarity", choices=["ncc", "ssim"], default="ncc")
     p.add_argument("--quantile", type=float, help="threshold = this quantile of real-to-real similarities "
                                                   "(default: their maximum)")
     p.add_argument("--mask", choices=["foreground"], help="compare inside the training label maps' foreground")
     add_dataset_options(p, "--train")
     p.set_defaults(func=_run_privacy)
+
+
+def _overwrite_option(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out not made by `medlsdm evaluate` (nothing is deleted)")
+
+
+def _owned(args, *inputs):
+    """--out claimed for `medlsdm evaluate` (checked, marked, locked) while the block runs."""
+    from medlsdm.files import owned_output
+
+    return owned_output(args.out, "evaluate", inputs=inputs, overwrite=args.overwrite)
 
 
 def _finish(out) -> None:
@@ -117,11 +134,13 @@ def _run_quality(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.quality import evaluate_quality
     from medlsdm.evaluation.report import fmt
 
-    data = evaluate_quality(dataset_source(args.real, args), args.synthetic, args.out, labels=args.labels,
-                            metrics=args.metrics, data_range=args.data_range, mask=args.mask, inception=args.inception,
-                            medicalnet=args.medicalnet, lpips_backbone=args.lpips_backbone,
-                            lpips_heads=args.lpips_heads, lpips_net=args.lpips_net, device=args.device,
-                            fid_slices=args.fid_slices, unpaired=args.unpaired)
+    with _owned(args, args.real, args.synthetic, args.labels):
+        data = evaluate_quality(dataset_source(args.real, args), args.synthetic, args.out, labels=args.labels,
+                                metrics=args.metrics, data_range=args.data_range, mask=args.mask,
+                                inception=args.inception, medicalnet=args.medicalnet,
+                                lpips_backbone=args.lpips_backbone, lpips_heads=args.lpips_heads,
+                                lpips_net=args.lpips_net, device=args.device, fid_slices=args.fid_slices,
+                                unpaired=args.unpaired)
     for name, s in data["paired"]["summary"].items():
         print(f"{name:10s} {fmt(s['mean'])} ± {fmt(s['std'])} (n={s['n']})")
     for name, reason in data["skipped"].items():
@@ -139,10 +158,11 @@ def _run_segmentation(args: argparse.Namespace) -> int:
     same = Path(args.train_real).resolve() == Path(args.test_real).resolve()
     train_real = dataset_source(args.train_real, args, ("train", "val") if same else None)
     test_real = dataset_source(args.test_real, args, ("test",) if same else None)
-    data = evaluate_segmentation(train_real, test_real, args.synthetic, args.out,
-                                 synthetic_labels=args.synthetic_labels, synthetic_train=args.synthetic_train,
-                                 protocols=protocols, epochs=args.epochs, budget_minutes=args.budget_minutes,
-                                 seed=args.seed, patch=args.patch, device=args.device)
+    with _owned(args, args.train_real, args.test_real, args.synthetic, args.synthetic_train, args.synthetic_labels):
+        data = evaluate_segmentation(train_real, test_real, args.synthetic, args.out,
+                                     synthetic_labels=args.synthetic_labels, synthetic_train=args.synthetic_train,
+                                     protocols=protocols, epochs=args.epochs, budget_minutes=args.budget_minutes,
+                                     seed=args.seed, patch=args.patch, device=args.device)
     gap = data["domain_gap"]
     if gap:
         print(f"Dice real {fmt(gap['dice_real'])}, synthetic {fmt(gap['dice_synthetic'])}, "
@@ -157,8 +177,9 @@ def _run_privacy(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.audit import audit_folders
     from medlsdm.evaluation.report import fmt
 
-    result = audit_folders(dataset_source(args.train, args, ("train",)), args.synthetic, args.out,
-                           similarity=args.similarity, quantile=args.quantile, mask=args.mask)
+    with _owned(args, args.train, args.synthetic):
+        result = audit_folders(dataset_source(args.train, args, ("train",)), args.synthetic, args.out,
+                               similarity=args.similarity, quantile=args.quantile, mask=args.mask)
     print(f"{result['n_flagged']} of {result['n_synthetic']} synthetic volumes flagged "
           f"(threshold {fmt(result['threshold'])}, {result['threshold_rule']})")
     _finish(args.out)

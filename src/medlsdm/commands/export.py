@@ -48,14 +48,20 @@ def register(subparsers) -> None:
 
 
 def run_nnunet(args) -> int:
-    from medlsdm.data.export import export_nnunet
+    from pathlib import Path
+
+    from medlsdm.data.export import dataset_folder_name, export_nnunet
+    from medlsdm.files import owned_target
 
     names = [n.strip() for n in args.channel_names.split(",")] if args.channel_names else None
-    result = export_nnunet(args.out, args.dataset_id, args.name, real=dataset_source(args.real, args),
-                           synthetic=args.synthetic, labels=args.labels, mix=args.mix,
-                           synthetic_per_case=args.synthetic_per_case, file_ending=args.file_ending,
-                           channel_names=names, table=args.table, folds=args.folds, seed=args.seed,
-                           force=args.force)
+    target = Path(args.out) / dataset_folder_name(args.dataset_id, args.name)
+    # Locked, and never one of the inputs (export_nnunet replaces the dataset folder as a whole).
+    with owned_target(target, inputs=[args.real, args.synthetic, args.labels], overwrite=True):
+        result = export_nnunet(args.out, args.dataset_id, args.name, real=dataset_source(args.real, args),
+                               synthetic=args.synthetic, labels=args.labels, mix=args.mix,
+                               synthetic_per_case=args.synthetic_per_case, file_ending=args.file_ending,
+                               channel_names=names, table=args.table, folds=args.folds, seed=args.seed,
+                               force=args.force)
     print(f"wrote {result.path}: {result.count('real')} real + {result.count('synthetic')} synthetic cases, "
           f"channels {', '.join(result.channel_names)}")
     if result.left_out:

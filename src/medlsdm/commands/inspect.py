@@ -244,9 +244,10 @@ def _inspect_prepared(root: Path, case_id: str, table: str | None) -> tuple[list
 
     from medlsdm.data.labels import read_label_table
     from medlsdm.data.preprocess import prepared_affine
+    from medlsdm.files import load_array
 
     manifest, case = _prepared_case(root, case_id)
-    image, label = np.load(root / case["image"], mmap_mode="r"), np.load(root / case["label"], mmap_mode="r")
+    image, label = load_array(root / case["image"]), load_array(root / case["label"])  # never a pickle
     names = read_label_table(table).names if table else {int(k): v for k, v in manifest["label_table"].items()}
     lines = [f"prepared case: {case_id} (subject {case['subject_id']}, split {case['split']}) in {root}",
              f"image: {root / case['image']}", f"label map: {root / case['label']}",

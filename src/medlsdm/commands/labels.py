@@ -47,7 +47,9 @@ def register(subparsers) -> None:
                           description="Edit a label map and write it with the input's affine.", epilog=EDIT_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     edit.add_argument("--in", dest="input", required=True, metavar="LABEL", help="label map to edit")
-    edit.add_argument("--out", required=True, metavar="LABEL", help="edited label map to write (.nii.gz)")
+    edit.add_argument("--out", required=True, metavar="LABEL", help="edited label map to write (.nii.gz); "
+                                                                    "an existing file is refused without --overwrite")
+    edit.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never the input)")
     edit.add_argument("--table", metavar="JSON", help="labels.json or dataset.json: the classes allowed in the result")
     edit.add_argument("--fill", type=int, metavar="CLASS", help="class for voxels a region leaves (default: see below)")
     edit.add_argument("--mm", action="store_true", help="shifts (--move, --at) are world millimetres, not voxels")
@@ -181,14 +183,16 @@ def run_edit(args) -> int:
     from medlsdm.data.edit import apply_edits
     from medlsdm.data.labels import read_label_table
     from medlsdm.data.io import read_label_map, write_nifti
+    from medlsdm.files import owned_target
 
     table = read_label_table(args.table) if args.table else None
     if args.fill is not None and table is not None and args.fill not in table.values:
         raise MedlsdmError(f"--fill {args.fill}: not a class of {args.table} ({table.values})")
     volume = read_label_map(args.input, table)
     edits = _parse_edits(args)
-    result = apply_edits(volume, edits, table)
-    write_nifti(args.out, result.array, volume.affine)
+    with owned_target(args.out, inputs=[args.input], overwrite=args.overwrite):
+        result = apply_edits(volume, edits, table)
+        write_nifti(args.out, result.array, volume.affine)
     before, after = _counts(volume.array), _counts(result.array)
     print(f"{len(edits)} edit(s): " + "; ".join(e.describe() for e in edits))
     for value in sorted(set(before) | set(after)):

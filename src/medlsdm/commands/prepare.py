@@ -18,12 +18,15 @@ def register(subparsers) -> None:
             "[+ imagesTs/ + labelsTs/ as test split], nnU-Net v2, BraTS, autoPET, SynthRAD2023, Duke "
             "breast MRI), reorient to RAS, resample, crop/pad, normalise to [-1, 1], remap labels to "
             "0..K-1 and split by subject (seeded). Writes PREPARED/manifest.json, images/, labels/, "
-            "prepare.yaml (resolved config) and unmatched.txt (files without a partner), atomically: "
-            "a failed run leaves nothing behind."
+            "prepare.yaml (resolved config) and unmatched.txt (files without a partner) into PREPARED, "
+            "which must be new, empty or prepared before (then replaced); a failed run leaves it as it was."
         ),
     )
     parser.add_argument("input", metavar="INPUT_DIR", help="dataset folder")
-    parser.add_argument("--out", required=True, metavar="PREPARED", help="output folder (replaced if it exists)")
+    parser.add_argument("--out", required=True, metavar="PREPARED", help="output folder: new, empty, or an earlier prepared dataset (replaced)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="also write into a non-empty folder that is not a prepared dataset, or one above "
+                             "INPUT_DIR (only the prepared dataset's entries are replaced; inputs never are)")
     parser.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
                         help="dataset layout (default: the preset's, else detected)")
     source = parser.add_mutually_exclusive_group()
@@ -64,5 +67,5 @@ def run(args: argparse.Namespace) -> int:
                                              ("label_pattern", args.label_pattern)) if value is not None}
     prepare_dataset(args.input, args.out, config=args.preset or args.config, overrides=overrides,
                     layout=args.layout, seed=args.seed, skip_bad=args.skip_bad, progress=not args.no_progress,
-                    subject_regex=args.subject_regex, **options)
+                    subject_regex=args.subject_regex, overwrite=args.overwrite, **options)
     return 0

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from medlsdm.errors import ConfigError, DataError
-from medlsdm.files import read_json
+from medlsdm.files import load_array, read_json
 
 MANIFEST_FORMAT = "medlsdm-prepared"
 SPLIT_NAMES = ("train", "val", "test")
@@ -91,8 +91,8 @@ class PreparedDataset(Dataset):
         return self._rng
 
     def _load(self, case: dict) -> tuple[np.ndarray, np.ndarray]:
-        image = np.load(self.root / case["image"], mmap_mode="r")
-        label = np.load(self.root / case["label"], mmap_mode="r")
+        image = load_array(self.root / case["image"])  # plain arrays only: a pickle is refused
+        label = load_array(self.root / case["label"])
         if image.ndim != 4 or label.shape != image.shape[1:]:
             raise DataError(f"{self.root / case['image']}: image {image.shape} and label map {label.shape} do not "
                             "match (expected (C, D, H, W) and (D, H, W)); prepare the dataset again")

@@ -3,11 +3,23 @@
 A `Volume` keeps the array in the file's voxel axes (i, j, k), channels first, and the 4×4
 voxel → world affine in RAS millimetres (the NIfTI convention). NIfTI is read with nibabel;
 NRRD, MHA/MHD and DICOM series with SimpleITK, whose LPS physical space is converted to RAS.
+
+Readers check before they allocate or trust anything:
+- size: the header's dimensions x data type must fit `max_volume_bytes()` (default 4 GiB; raise
+  it with the environment variable ``MEDLSDM_MAX_VOLUME_GB`` or ``medlsdm --max-volume-gb``), so
+  a header claiming a huge volume (or a gzip bomb) is refused before any voxel is inflated;
+- geometry: voxel sizes must be positive; a NIfTI whose qform and sform (both set) disagree is
+  read with the **sform** (as nibabel, FSL and ANTs do) and a warning names the difference; one
+  with neither set has no known orientation (warning); a DICOM series must have regular slice
+  positions along its normal (a missing slice is an error, not a stretched volume);
+- label maps keep their values exactly (`data.labels.validate_label_map`: no narrowing casts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +35,39 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+MAX_VOLUME_ENV = "MEDLSDM_MAX_VOLUME_GB"
+DEFAULT_MAX_VOLUME_GB = 4.0
+SLICE_GAP_TOLERANCE = 0.01  # relative deviation of a DICOM slice gap from the median gap
+
+log = logging.getLogger(__name__)
+
+
+def max_volume_bytes() -> int:
+    """The largest volume (voxels x bytes per voxel, all channels) a reader will allocate."""
+    raw = os.environ.get(MAX_VOLUME_ENV)
+    try:
+        gb = DEFAULT_MAX_VOLUME_GB if raw in (None, "") else float(raw)
+    except ValueError:
+        raise DataError(f"{MAX_VOLUME_ENV}={raw!r}: expected a number of gigabytes") from None
+    return int(gb * 2**30)
+
+
+def check_volume_size(path, shape, itemsize: int) -> None:
+    """Refuse, from the header alone, a volume larger than `max_volume_bytes()`."""
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise DataError(f"{path}: header gives negative dimensions {tuple(dims)}")
+    total = int(np.prod(np.array(dims, dtype=object))) * int(itemsize) if dims else 0
+    if total > max_volume_bytes():
+        raise DataError(f"{path}: header claims a volume of {tuple(dims)} voxels x {itemsize} bytes "
+                        f"= {total / 2**30:.3g} GiB, over the limit of {max_volume_bytes() / 2**30:.3g} GiB "
+                        f"(raise it with {MAX_VOLUME_ENV} or --max-volume-gb if the file is genuine)")
+
+
+def _check_spacing(path, spacing) -> None:
+    spacing = [float(v) for v in spacing]
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise DataError(f"{path}: voxel size {tuple(spacing)} has zero, negative or non-finite values")
 
 
 @dataclass
@@ -57,12 +102,36 @@ def volume_stem(path: str | Path) -> str:
     return name
 
 
+def _nifti_affine(img, path: Path) -> np.ndarray:
+    """The voxel -> world affine by the rule in the module docstring (sform, else qform)."""
+    import nibabel as nib
+
+    header = img.header
+    # nibabel repairs some headers on loading (negative voxel sizes become positive): check the
+    # voxel sizes as the file holds them.
+    with nib.openers.ImageOpener(str(path)) as fh:
+        raw = type(header).from_fileobj(fh, check=False)
+    _check_spacing(path, raw["pixdim"][1:4])
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    if scode > 0 and qcode > 0:
+        diff = float(np.abs(np.asarray(sform) - np.asarray(qform)).max())
+        if diff > 1e-3:
+            log.warning("%s: qform and sform disagree (up to %.3g mm); using the sform", path, diff)
+    elif scode == 0 and qcode == 0:
+        log.warning("%s: neither qform nor sform is set; the orientation is unknown (taken as "
+                    "voxel axes = RAS, spacing from pixdim)", path)
+    return np.asarray(img.affine, dtype=np.float64)
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # reads the header only
+    check_volume_size(path, img.header.get_data_shape(), img.header.get_data_dtype().itemsize)
+    affine = _nifti_affine(img, path)
     array = np.asarray(img.dataobj)  # forces the read: corruption surfaces here
-    return array, np.asarray(img.affine, dtype=np.float64)
+    return array, affine
 
 
 def _itk_error_text(exc: Exception) -> str:
@@ -105,16 +174,61 @@ def _itk_to_volume(image, path: Path) -> tuple[np.ndarray, np.ndarray]:
         array = np.transpose(array, (2, 1, 0))
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    _check_spacing(path, spacing)
     affine = np.eye(4)
     affine[:3, :3] = direction * spacing[None, :]
     affine[:3, 3] = image.GetOrigin()
     return array, LPS_TO_RAS @ affine
 
 
+def _check_itk_header(file_name: str, path: Path, n_files: int = 1) -> None:
+    """Read an ITK file's header only and refuse a volume over the size limit."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file_name)
+    reader.ReadImageInformation()
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    bits = next((b for b in (8, 16, 32, 64) if f"{b}-bit" in pixel), 64)
+    itemsize = bits // 8 * (2 if "complex" in pixel else 1)
+    size = list(reader.GetSize())
+    if n_files > 1:  # one slice per file
+        size = size[:2] + [n_files]
+    check_volume_size(path, size, itemsize * reader.GetNumberOfComponents())
+
+
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
+    _check_itk_header(str(path), path)
     return _itk_to_volume(sitk.ReadImage(str(path)), path)
+
+
+def _check_slice_positions(reader, files: Sequence[str], folder: Path) -> None:
+    """Slices of a series must be evenly spaced along the slice normal: a missing or duplicated
+    slice would otherwise be read as a regular volume with the wrong anatomy (ITK only warns).
+    `reader` is the ImageSeriesReader after `Execute` with its per-slice metadata kept."""
+    if len(files) < 3:
+        return
+    positions, normal = [], None
+    for k, name in enumerate(files):
+        if not (reader.HasMetaDataKey(k, "0020|0032") and reader.HasMetaDataKey(k, "0020|0037")):
+            return  # no positions to check (ITK falls back to the slice spacing)
+        try:
+            position = np.array([float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")])
+            if normal is None:
+                cosines = np.array([float(v) for v in reader.GetMetaData(k, "0020|0037").split("\\")])
+                normal = np.cross(cosines[:3], cosines[3:6])
+        except ValueError:
+            raise DataError(f"{name}: unreadable image position/orientation tags") from None
+        positions.append(float(position @ normal))
+    gaps = np.diff(np.sort(positions))
+    median = float(np.median(gaps))
+    bad = np.abs(gaps - median) > SLICE_GAP_TOLERANCE * median + 1e-4
+    if median <= 0 or np.any(bad):
+        odd = [f"{g:.4g}" for g in gaps[bad][:3]]
+        raise DataError(f"{folder}: irregular slice spacing in the DICOM series (usual gap {median:.4g} mm, "
+                        f"also {', '.join(odd) or 'zero'} mm): a slice is missing or duplicated")
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +241,14 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{folder}: folder holds no DICOM series")
     if len(series) > 1:
         raise DataError(f"{folder}: folder holds {len(series)} DICOM series; give one series per folder")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return _itk_to_volume(reader.Execute(), folder)
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    with _itk_warnings_off():
+        _check_itk_header(files[0], folder, n_files=len(files))
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, read along with the pixels
+        image = reader.Execute()
+    _check_slice_positions(reader, files, folder)
+    return _itk_to_volume(image, folder)
 
 
 def _nifti_channels_first(array: np.ndarray) -> np.ndarray:
@@ -153,8 +273,8 @@ def read_volume(path: str | Path) -> Volume:
             array, affine = _read_itk(path)
         else:
             raise DataError(f"{path}: unsupported file type (expected {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)")
-    except DataError:
-        raise
+    except (DataError, MemoryError, PermissionError):
+        raise  # the command line reports memory and permission problems as such
     except RuntimeError as exc:  # SimpleITK wraps every ITK failure in RuntimeError
         raise DataError(f"{path}: cannot read ({_itk_error_text(exc)})") from None
     except Exception as exc:  # nibabel raises many types for broken files (EOFError, OSError, ...)
@@ -205,7 +325,8 @@ def read_image(paths: Sequence[str | Path], channel_names: list[str] | None = No
 
 
 def read_label_map(path: str | Path, table: LabelTable | None = None) -> Volume:
-    """A 3D integer label map whose values are in `table` (when given), as uint8/int16."""
+    """A 3D integer label map whose values are in `table` (when given), in the smallest unsigned
+    type that keeps every value exactly."""
     volume = read_volume(path)
     if volume.array.ndim != 3:
         raise DataError(f"{path}: a label map must be 3D, got shape {volume.array.shape}")
@@ -231,10 +352,11 @@ def _nifti_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, descrip: str | None = None) -> None:
     """Write NIfTI atomically with qform and sform both set to `affine` (code 1, scanner
     anatomical, so readers preferring either get the same grid); (C, X, Y, Z) arrays are
-    written as 4D (X, Y, Z, C)."""
+    written as 4D (X, Y, Z, C). The header is new: nothing of an input's header is copied
+    (`descrip`, at most 80 characters, is the only text written into it)."""
     import nibabel as nib
 
     array = np.asarray(array)
@@ -244,5 +366,60 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None
     image = nib.Nifti1Image(_nifti_dtype(array, Path(path)), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
+    if descrip is not None:
+        image.header["descrip"] = descrip.encode("ascii", "replace")[:80]
     with atomic_output(path) as tmp:
         nib.save(image, str(tmp))
+
+
+# ------------------------------------------------------------------ synthetic volumes' provenance
+
+SYNTHETIC_DESCRIP = "medlsdm synthetic image, not a patient scan"
+
+
+def provenance_path(path: str | Path) -> Path:
+    """The JSON sidecar of a synthetic volume: ``CASE_sample0.nii.gz`` -> ``CASE_sample0.json``."""
+    path = Path(path)
+    return path.with_name(volume_stem(path) + ".json")
+
+
+def synthetic_provenance(model_dir: str | Path, sampler: str, steps: int | None, guidance: float | None,
+                         seed: int, label_path: str | Path | None, sample_index: int = 0) -> dict:
+    """What made a synthetic volume, without identities or absolute paths: the model (its folder's
+    name and the SHA-256 of its weights), the sampler, the seed, and the label map's case ID."""
+    from medlsdm import __version__
+    from medlsdm.files import file_sha256
+
+    model_dir = Path(model_dir)
+    weights = model_dir / "diffusion.safetensors" if model_dir.is_dir() else model_dir
+    return {
+        "synthetic": True,
+        "generator": f"medlsdm {__version__}",
+        "model": {"name": model_dir.name, "weights_sha256": file_sha256(weights) if weights.is_file() else None},
+        "sampler": {"name": sampler, "steps": steps, "guidance": guidance},
+        "seed": int(seed),
+        "sample_index": int(sample_index),
+        "label_map_case_id": None if label_path is None else volume_stem(label_path),
+    }
+
+
+def write_synthetic_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, provenance: dict) -> Path:
+    """Write a synthetic volume marked as such: header ``descrip`` `SYNTHETIC_DESCRIP`, and the
+    JSON sidecar `provenance_path` holding `provenance` (see `synthetic_provenance`). Returns the
+    sidecar's path."""
+    from medlsdm.files import write_json
+
+    if not provenance.get("synthetic"):
+        raise ValueError("provenance of a synthetic volume must say synthetic: true")
+    write_nifti(path, array, affine, descrip=SYNTHETIC_DESCRIP)
+    sidecar = provenance_path(path)
+    write_json(sidecar, provenance)
+    return sidecar
+
+
+def is_synthetic(path: str | Path) -> bool:
+    """Whether a NIfTI file carries the synthetic mark in its header."""
+    import nibabel as nib
+
+    descrip = bytes(nib.load(str(path)).header["descrip"]).split(b"\0")[0].decode("ascii", "replace")
+    return descrip == SYNTHETIC_DESCRIP

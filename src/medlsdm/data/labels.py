@@ -64,8 +64,21 @@ class LabelTable:
         return self.values == list(range(len(self.names)))
 
 
+def label_dtype(values: np.ndarray, source: str = "label map") -> type:
+    """The smallest unsigned integer type holding every value exactly (uint8, uint16, uint32);
+    values beyond 32 bits are an error naming them (no narrowing cast ever wraps a value)."""
+    values = np.asarray(values)
+    top = int(values.max()) if values.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return dtype
+    big = sorted({int(v) for v in np.unique(values) if int(v) > np.iinfo(np.uint32).max})[:5]
+    raise DataError(f"{source}: label values {big} do not fit in 32 bits")
+
+
 def validate_label_map(array: np.ndarray, table: LabelTable | None = None, source: str = "label map") -> np.ndarray:
-    """Check that `array` holds non-negative integers found in `table`; return it as uint8/int16.
+    """Check that `array` holds non-negative integers found in `table`; return it in the smallest
+    unsigned type that keeps every value (`label_dtype`).
 
     `source` names the file in error messages.
     """
@@ -87,8 +100,7 @@ def validate_label_map(array: np.ndarray, table: LabelTable | None = None, sourc
             raise DataError(
                 f"{source}: label values {unknown} are not in the label table {table.values}"
             )
-    dtype = np.uint8 if values.max() < 256 else np.int16
-    return array.astype(dtype)
+    return array.astype(label_dtype(values, source))
 
 
 def remap(array: np.ndarray, mapping: Mapping[int, int], source: str = "label map") -> np.ndarray:
@@ -102,7 +114,7 @@ def remap(array: np.ndarray, mapping: Mapping[int, int], source: str = "label ma
     for k, v in mapping.items():
         lut[int(k)] = int(v)
     out = lut[array.astype(np.int64)]
-    return out.astype(np.uint8 if out.max() < 256 else np.int16)
+    return out.astype(label_dtype(out, source))
 
 
 def one_hot(labels, num_classes: int, drop_background: bool = False):

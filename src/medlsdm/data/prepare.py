@@ -2,12 +2,14 @@
 
 Discovery (``data.layouts``) -> per case: read image channels and label map -> optional BraTS
 brain label -> ``data.preprocess.preprocess_case`` -> ``images/ID.npy``, ``labels/ID.npy`` ->
-subject-level seeded splits (``data.splits``) -> ``manifest.json``. The folder is built under a
-temporary name and renamed at the end, so a failed run leaves nothing behind.
+subject-level seeded splits (``data.splits``) -> ``manifest.json``. The output folder is owned
+(``files.owned_output``): new, empty, or prepared before; the dataset is built in a temporary folder
+inside it and moved in at the end (manifest last), so a failed run leaves the folder as it was.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -18,12 +20,12 @@ import numpy as np
 from medlsdm.config import save_config, stage_config
 from medlsdm.data.dataset import MANIFEST_FORMAT
 from medlsdm.data.io import Volume, read_image, read_label_map
-from medlsdm.data.labels import LabelTable
+from medlsdm.data.labels import LabelTable, label_dtype
 from medlsdm.data.layouts import Case, Discovery, compile_subject_regex, detect_layout, discover
 from medlsdm.data.preprocess import PREPROCESS_DEFAULTS, intensity_summary, preprocess_case, resolve_spec
 from medlsdm.data.splits import SPLITS, assign_splits
 from medlsdm.errors import ConfigError, DataError
-from medlsdm.files import atomic_directory, write_json
+from medlsdm.files import install, owned_output, relative_path, save_array, staging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def add_brain_label(image: Volume, label: Volume, value: int) -> None:
     inside = np.any(array != 0, axis=0) if array.ndim == 4 else array != 0
     out = label.array.astype(np.int64)
     out[(out == 0) & inside] = value
-    label.array = out.astype(label.array.dtype if value <= np.iinfo(label.array.dtype).max else np.int16)
+    label.array = out.astype(label_dtype(out, str(label.path)))
 
 
 # ---------------------------------------------------------------------------------- config
@@ -139,7 +141,7 @@ def _case_error(case: Case, exc: Exception) -> DataError:
     return DataError(message)
 
 
-def _prepare_case(case: Case, raw_table: LabelTable | None, table: LabelTable | None, spec: dict,
+def _prepare_case(case: Case, root: Path, raw_table: LabelTable | None, table: LabelTable | None, spec: dict,
                   brain: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     try:
         image = read_image(case.image_paths, case.channel_names)
@@ -151,8 +153,13 @@ def _prepare_case(case: Case, raw_table: LabelTable | None, table: LabelTable | 
         raise _case_error(case, exc) from None
     except (ValueError, MemoryError) as exc:  # scipy/numpy failures on odd inputs
         raise _case_error(case, DataError(f"{type(exc).__name__}: {exc}")) from None
-    record["source"] = {"images": [str(p) for p in case.image_paths], "label": str(case.label_path)}
+    record["source"] = {"images": [relative_path(p, root) for p in case.image_paths],
+                        "label": relative_path(case.label_path, root)}
+    for key in ("path", "image_path"):  # the readers' absolute paths: relative to the dataset root
+        if record.get("original", {}).get(key):
+            record["original"][key] = relative_path(record["original"][key], root)
     return image_array, label_array, record
+
 
 
 def _resolve_tables(found: Discovery, cfg: dict) -> tuple[LabelTable | None, LabelTable | None, dict, int | None]:
@@ -209,12 +216,22 @@ def _report_unmatched(found: Discovery) -> None:
             log.warning("  ... and %d more", len(found.unmatched) - 20)
 
 
+def _is_prepared(folder: Path) -> bool:
+    """A prepared dataset written before output folders were marked."""
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | None = None,
                     overrides: Iterable[str] = (), layout: str | None = None, seed: int | None = None,
                     skip_bad: bool = False, progress: bool = True, subject_regex: str | None = None,
-                    **layout_options) -> Path:
-    """Prepare the dataset in `root` into `out` (replaced atomically); returns `out`.
+                    overwrite: bool = False, **layout_options) -> Path:
+    """Prepare the dataset in `root` into `out`; returns `out`.
 
+    `out` must be new, empty or a prepared dataset (replaced); `overwrite` allows any other
+    folder (only the entries a prepared dataset has are replaced; inputs never are).
     `layout`, `seed`, `subject_regex` and `layout_options` (e.g. ``labels_dir``, ``modality``)
     override the config.
     """
@@ -235,8 +252,11 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
         compile_subject_regex(subject_regex)
     if cfg["layout_options"].get("labels_dir"):  # absolute, so the recorded config finds it again
         cfg["layout_options"]["labels_dir"] = str(Path(cfg["layout_options"]["labels_dir"]).resolve())
+    if not root.is_dir():
+        raise DataError(f"{root}: input folder not found")
     if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
         raise ConfigError(f"{out}: the output folder must not be inside the input folder {root}")
+    inputs = [root] + [cfg["layout_options"][k] for k in ("labels_dir",) if cfg["layout_options"][k]]
     cfg["layout"] = detect_layout(root, cfg["layout"])
     found = discover(root, cfg["layout"], subject_regex=cfg["subject_regex"], **layout_options_for(cfg, cfg["layout"]))
     _report_unmatched(found)
@@ -252,13 +272,13 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
             raise DataError(f"{root}: case IDs '{names[name]}' and '{case.case_id}' give the same file name")
         names[name] = case.case_id
 
-    with atomic_directory(out) as tmp:
+    with owned_output(out, "prepare", inputs, overwrite, recognise=_is_prepared), staging(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
         done, skipped, values = [], [], set()
         for case in tqdm(found.cases, desc="prepare", unit="case", disable=not progress):
             try:
-                image, label, record = _prepare_case(case, raw_table, table, spec, brain)
+                image, label, record = _prepare_case(case, root, raw_table, table, spec, brain)
             except DataError as exc:
                 if not skip_bad:
                     raise
@@ -266,8 +286,8 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
                 skipped.append({"case_id": case.case_id, "error": str(exc)})
                 continue
             name = _file_name(case.case_id)
-            np.save(tmp / "images" / f"{name}.npy", image.astype(np.float32))
-            np.save(tmp / "labels" / f"{name}.npy", label.astype(np.uint8))
+            save_array(tmp / "images" / f"{name}.npy", image.astype(np.float32))
+            save_array(tmp / "labels" / f"{name}.npy", label)  # uint8: preprocess_case refuses values > 255
             values |= set(np.unique(label).tolist())
             done.append((case, name, record))
         if not done:
@@ -285,7 +305,7 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
             "spec": {**spec, "label_mapping": None if spec["label_mapping"] is None else
                      {str(k): v for k, v in spec["label_mapping"].items()}},
             "intensity": intensity_summary(train_records),
-            "layout": found.layout, "source": str(root.resolve()),
+            "layout": found.layout, "source": relative_path(root, out),  # case sources are relative to it
             # How label files became the prepared classes, for sampling from such files later.
             "label_scheme": {"source_table": None if raw_table is None else raw_table.to_json(),
                              "mapping": None if spec["label_mapping"] is None else
@@ -299,6 +319,7 @@ def prepare_dataset(root: str | Path, out: str | Path, config: str | Mapping | N
         write_json(tmp / "manifest.json", manifest)
         save_config({"prepare": cfg}, tmp / "prepare.yaml")
         (tmp / "unmatched.txt").write_text("".join(f"{line}\n" for line in found.unmatched), encoding="utf-8")
+        install(tmp, out, inputs, last=["manifest.json"])
     counts = manifest["split"]["cases"]
     log.info("prepared %d case(s) (train %d, val %d, test %d%s) in %s", len(cases), counts["train"], counts["val"],
              counts["test"], f", {len(skipped)} skipped" if skipped else "", out)

@@ -21,7 +21,7 @@ import numpy as np
 from medlsdm.data.geometry import (aligned_grid, from_canonical, resample_to_grid, resampled_grid, resized_grid,
                                     to_canonical)
 from medlsdm.data.io import Volume, check_same_grid
-from medlsdm.data.labels import LabelTable, remap, validate_label_map
+from medlsdm.data.labels import LabelTable, label_dtype, remap, validate_label_map
 from medlsdm.errors import ConfigError, DataError
 
 PREPROCESS_DEFAULTS = {
@@ -414,5 +414,5 @@ def invert_label(array: np.ndarray, record: Mapping) -> Volume:
             inverse[new] = raw
         inverse.setdefault(0, 0)  # background filled outside the crop
         out = remap(out, inverse, source="prepared label map")
-    out = out.astype(np.uint8 if out.max() < 256 else np.int16)
+    out = out.astype(label_dtype(out, "prepared label map"))  # exact: never a narrowing cast
     return Volume(array=out, affine=affine, path=None)

@@ -250,7 +250,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
     """
     from tqdm.auto import tqdm
 
-    from medlsdm.files import ensure_writable_dir, write_json
+    from medlsdm.files import ensure_writable_dir, relative_path, write_json
 
     names, explicit = resolve_metrics(metrics)
     if mask not in (None, "foreground"):
@@ -281,7 +281,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
         real_arr, real_aff = load_image(pairs[0].real)
         lo, hi = case_ranges[case_id]
         dr = data_range if data_range is not None else (hi - lo if hi > lo else 1.0)
-        fg = _foreground(pairs[0].real, real_arr) if mask == "foreground" else None
+        fg = _foreground(pairs[0].real, real_arr, real_aff) if mask == "foreground" else None
         samples = []
         for pair in pairs:
             fake, fake_aff = load_image(pair.synthetic)
@@ -306,8 +306,9 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
 
     metric_keys = [k for k in (*PAIRED_METRICS, "lpips_vgg", "lpips_alex") if any(k in r for r in per_case)]
     data = {
-        "kind": "medlsdm-quality", "real": str(real), "synthetic": str(synthetic),
-        "labels": None if labels is None else str(labels), "mask": mask,
+        # Input folders relative to this report's folder: no absolute location in a report.
+        "kind": "medlsdm-quality", "real": relative_path(real, out_dir), "synthetic": relative_path(synthetic, out_dir),
+        "labels": None if labels is None else relative_path(labels, out_dir), "mask": mask,
         "mask_note": "SSIM, PSNR, RMSE, MAE inside the mask; MS-SSIM and LPIPS on whole volumes" if mask else None,
         "data_range_rule": f"given: {data_range}" if data_range is not None else "each real volume's max - min",
         "metrics_requested": names, "pairing": pairing.summary(),
@@ -328,10 +329,11 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
     return data
 
 
-def _foreground(files: VolumeFiles, image: np.ndarray) -> np.ndarray:
-    label, _ = load_label(files.label)
-    if label.shape != image.shape[1:]:
-        raise DataError(f"{files.label}: label map shape {label.shape} differs from image {files.display} {image.shape[1:]}")
+def _foreground(files: VolumeFiles, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The label map's foreground, which must lie on the image's grid: same shape and affine (a
+    map shifted or rotated against the image would mask the wrong anatomy)."""
+    label, label_affine = load_label(files.label)
+    check_same_grid(label.shape, label_affine, str(files.label), image.shape[1:], affine, files.display)
     return label > 0
 
 

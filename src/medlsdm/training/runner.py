@@ -2,13 +2,23 @@
 checkpoint, TensorBoard logs, time/step budgets, precision and any number of devices/nodes (DDP).
 
 Both stages call `build_trainer`; their LightningModules hold the model-specific logic.
+
+Checkpoints survive a kill at any moment: each is written to a temporary file in its own folder,
+fsynced and renamed (Lightning's own writer goes through a temporary file under ``TMPDIR``, which on
+another filesystem becomes a copy that a kill truncates); the checkpoint before the last is kept
+(``previous.ckpt``), and a run resumes from the newest one that loads, with a warning when that is
+not ``last.ckpt``. Temporary files of a killed run are removed when the run starts again.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import io
 import logging
+import os
 import random
+import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -16,12 +26,13 @@ from typing import Iterable, Mapping
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from medlsdm.config import load_yaml, save_config
 from medlsdm.errors import ConfigError, MedlsdmError
-from medlsdm.files import ensure_writable_dir
+from medlsdm.files import atomic_output, claim_output, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,7 @@ RESUMABLE_KEYS = {"max_steps", "max_minutes", "devices", "num_nodes", "strategy"
                   "checkpoint_every_n_steps", "val_every_n_steps"}
 
 LAST_CHECKPOINT = "last.ckpt"
+PREVIOUS_CHECKPOINT = "previous.ckpt"  # the last checkpoint before last.ckpt, kept as a fallback
 
 
 class NonFiniteLossError(MedlsdmError):
@@ -101,15 +113,47 @@ def _diff_configs(old: Mapping, new: Mapping, where: str = "") -> list[str]:
     return out
 
 
-def prepare_run_dir(run_dir: str | Path, cfg: Mapping) -> tuple[Path, Path | None]:
+_RUN_LOCKS: dict[Path, object] = {}  # run dirs this process writes to, locked until it exits
+
+
+def _is_rank_zero() -> bool:
+    """False in the extra processes of a multi-process (DDP) run, which re-run the command
+    (started by Lightning, torchrun or SLURM's srun)."""
+    names = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
+    return all(int(os.environ.get(name, 0) or 0) == 0 for name in names)
+
+
+def _lock_run_dir(run_dir: Path, inputs, overwrite: bool) -> None:
+    """Claim the run directory (files.claim_output): new, empty, or a run of ours (a marker, or the
+    config.yaml of a run made before markers); locked, so a second concurrent run into it fails at once."""
+    key = Path(run_dir).resolve()
+    if key in _RUN_LOCKS:
+        return
+    _RUN_LOCKS[key] = claim_output(run_dir, "train", inputs, overwrite,
+                                   recognise=lambda folder: (folder / "config.yaml").is_file())
+    atexit.register(release_run_dir, key)  # a normal exit also removes the lock file
+
+
+def release_run_dir(run_dir: str | Path) -> None:
+    """Release the lock `prepare_run_dir` took (it is released anyway when the process ends)."""
+    lock = _RUN_LOCKS.pop(Path(run_dir).resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+def prepare_run_dir(run_dir: str | Path, cfg: Mapping, overwrite: bool = False) -> tuple[Path, Path | None]:
     """Create the run directory or check that an existing one holds the same run.
 
     Returns (run_dir, checkpoint to resume from or None). Re-running the same command resumes;
-    a different configuration is refused rather than silently starting over.
+    a different configuration is refused rather than silently starting over. The run directory
+    is claimed and locked for this process (see `files.claim_output`; the data and autoencoder
+    folders named in `cfg` are its inputs), and temporary files of a killed run are removed.
     """
-    run_dir = ensure_writable_dir(run_dir)
+    run_dir = Path(run_dir)
+    if _is_rank_zero():
+        _lock_run_dir(run_dir, [cfg.get("data_dir"), cfg.get("autoencoder_dir")], overwrite)
     cfg_path = run_dir / "config.yaml"
-    last = run_dir / "checkpoints" / LAST_CHECKPOINT
+    ckpt_dir = run_dir / "checkpoints"
     if cfg_path.exists():
         changed = _diff_configs(load_yaml(cfg_path), cfg)
         if changed:
@@ -117,10 +161,81 @@ def prepare_run_dir(run_dir: str | Path, cfg: Mapping) -> tuple[Path, Path | Non
                 f"{run_dir} holds a run with a different configuration ({'; '.join(changed[:3])}"
                 f"{' ...' if len(changed) > 3 else ''}); use another --out, or the same settings to resume"
             )
-    elif last.exists():
+    elif any((ckpt_dir / name).exists() for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT)):
         raise ConfigError(f"{run_dir} holds a checkpoint but no config.yaml; use another --out")
-    save_config(cfg, cfg_path)
-    return run_dir, (last if last.exists() else None)
+    if _is_rank_zero():
+        remove_stale_temps(ckpt_dir)
+        save_config(cfg, cfg_path)
+    return run_dir, resume_checkpoint(ckpt_dir)
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The global step stored in a checkpoint; any failure to read it as plain data (truncated,
+    corrupt, or a pickle that would run code) raises. Memory-mapped: the tensors are not read."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise ValueError("not a training checkpoint (no global_step)")
+    return int(state["global_step"])
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = "it holds Python objects, refused (a checkpoint must be plain data)"
+    return text[:200]
+
+
+def resume_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: ``last.ckpt``, or ``previous.ckpt`` with a warning when
+    the last one cannot be read (it is then moved aside to ``last.corrupt.ckpt``, so the next
+    checkpoint does not push the good one out). None when there is none; a one-line error when
+    none can be read."""
+    ckpt_dir = Path(ckpt_dir)
+    candidates = [ckpt_dir / n for n in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT) if (ckpt_dir / n).is_file()]
+    problems = []
+    for path in candidates:
+        try:
+            step = _checkpoint_step(path)
+        except Exception as exc:  # noqa: BLE001 - any failure to read means "not usable"
+            problems.append(f"{path} cannot be read ({_why(exc)})")
+            continue
+        if problems:
+            log.warning("%s; resuming from %s (step %d) instead", problems[0], path.name, step)
+            if _is_rank_zero() and (ckpt_dir / LAST_CHECKPOINT).exists():
+                os.replace(ckpt_dir / LAST_CHECKPOINT, ckpt_dir / "last.corrupt.ckpt")
+            if path.name != LAST_CHECKPOINT and _is_rank_zero():
+                os.replace(path, ckpt_dir / LAST_CHECKPOINT)
+                path = ckpt_dir / LAST_CHECKPOINT
+        log.info("resuming from %s (step %d)", path, step)
+        return path
+    if problems:
+        raise MedlsdmError(f"{problems[0]} and there is no earlier good checkpoint; "
+                           "move the checkpoints folder aside to start again")
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, fsyncs and renames it; before
+    ``last.ckpt`` is replaced, it becomes ``previous.ckpt`` (so two good ones exist)."""
+
+    write_delay: float = 0.0  # test hook: seconds to pause halfway through writing the bytes
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options are not supported by AtomicCheckpointIO")
+        path = Path(path)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getbuffer()
+        with atomic_output(path) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(data[: len(data) // 2])
+                if self.write_delay:
+                    fh.flush()
+                    time.sleep(self.write_delay)
+                fh.write(data[len(data) // 2:])
+            if path.name == LAST_CHECKPOINT and path.exists():
+                os.replace(path, path.with_name(PREVIOUS_CHECKPOINT))
 
 
 class RNGStateCallback(Callback):
@@ -290,6 +405,7 @@ def build_trainer(run_dir: Path, tcfg: Mapping, callbacks: Iterable = (), monito
             strategy=_strategy(tcfg, find_unused_parameters),
             precision=resolve_precision(tcfg["precision"]),
             callbacks=cbs,
+            plugins=[AtomicCheckpointIO()],
             logger=TensorBoardLogger(str(run_dir), name="logs", version="", default_hp_metric=False),
             log_every_n_steps=int(tcfg["log_every_n_steps"]),
             val_check_interval=int(tcfg["val_every_n_steps"]),
