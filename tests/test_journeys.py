@@ -170,5 +170,6 @@ def test_autopet_and_nnunet_journeys(tmp_path):
         assert sorted(e["case_id"] for e in report["label_maps"]) == sorted(by_id)   # the layout's case IDs
         for entry in report["label_maps"]:
             assert set(entry["classes"]) <= set(_training_classes(prepared))
-        _check_outputs(out, [(e["case_id"], by_id[e["case_id"]]["record"]["source"]["label"])
+        source = prepared / manifest["source"]   # case files are recorded relative to the dataset root
+        _check_outputs(out, [(e["case_id"], source / by_id[e["case_id"]]["record"]["source"]["label"])
                              for e in report["label_maps"]])

@@ -3,6 +3,8 @@ anisotropic) grid with de-normalised intensities, one NIfTI + PNG per sample nam
 input, trajectory GIF, seeded determinism, clear errors; the Med-DDPM (pixel) and unconditional
 latent models sample too."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -57,9 +59,18 @@ def test_semantic_sample_on_label_grid_with_trajectory(runs, tmp_path):
     out = tmp_path / "out"
     assert sample(runs["semantic"], out, "--n", "2", "--batch-size", "2", "--guidance", "2",
                   "--save-trajectory", labels=label) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["case_a_sample0.nii.gz", "case_a_sample0.png",
-                                                      "case_a_sample0_trajectory.gif", "case_a_sample1.nii.gz",
-                                                      "case_a_sample1.png", "sampling_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".medlsdm-output.json", "case_a_sample0.json",
+                                                      "case_a_sample0.nii.gz", "case_a_sample0.png",
+                                                      "case_a_sample0_trajectory.gif", "case_a_sample1.json",
+                                                      "case_a_sample1.nii.gz", "case_a_sample1.png",
+                                                      "sampling_report.json"]
+    from medlsdm.data.io import is_synthetic
+    from medlsdm.files import read_json
+
+    provenance = read_json(out / "case_a_sample1.json")
+    assert is_synthetic(out / "case_a_sample1.nii.gz") and provenance["label_map_case_id"] == "case_a"
+    assert provenance["sample_index"] == 1 and provenance["model"]["name"] == runs["semantic"].name
+    assert str(tmp_path) not in json.dumps(provenance) + (out / "sampling_report.json").read_text()   # no paths
     reference = nib.load(str(label))
     for k in (0, 1):
         array, affine = load(out / f"case_a_sample{k}.nii.gz")
@@ -203,3 +214,23 @@ def test_attach_decoder_gives_a_trained_run_a_spade_decoder(runs, tmp_path):
     with pytest.raises(ConfigError, match="encoder or codebook differs"):
         attach_decoder(run, other)
     assert cli.main(["train", "attach-decoder", "--model", str(run), "--autoencoder", str(other)]) == 2
+
+
+def test_sample_owns_its_output_folder(runs, tmp_path, capsys):
+    """A foreign non-empty folder or a folder holding the label maps is refused; a folder `sample`
+    wrote before is reused; --overwrite writes into a foreign one, never over an input."""
+    labels = tmp_path / "maps"
+    labels.mkdir()
+    write_label_map(labels / "a.nii.gz")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine", encoding="utf-8")
+    assert sample(runs["semantic"], foreign, labels=labels) == 2
+    assert "foreign" in capsys.readouterr().err and not list(foreign.glob("*.nii.gz"))
+    assert sample(runs["semantic"], labels, labels=labels) == 2          # the inputs' own folder
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert sample(runs["semantic"], out, labels=labels) == 0
+    assert sample(runs["semantic"], out, labels=labels) == 0             # its own folder again
+    assert sample(runs["semantic"], foreign, "--overwrite", labels=labels) == 0
+    assert (foreign / "notes.txt").read_text(encoding="utf-8") == "mine" and (foreign / "a_sample0.nii.gz").is_file()

@@ -40,6 +40,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="samples generated together")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--save-trajectory", action="store_true", help="also write the progressive denoising as a GIF")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing folder that `sample` did not create (inputs are never replaced)")
     p.set_defaults(func=_run)
 
 
@@ -49,6 +51,7 @@ def _run(args) -> int:
     written = sample_to_files(args.model, args.labels, args.out, n=args.n, sampler=args.sampler, steps=args.steps,
                               guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
                               device=args.device, save_trajectory=args.save_trajectory, clip_x0=args.clip_x0,
-                              layout=args.layout, label_map=args.label_map, crop=args.crop, tile=args.tile)
+                              layout=args.layout, label_map=args.label_map, crop=args.crop, tile=args.tile,
+                              overwrite=args.overwrite)
     print(f"{len(written)} volumes written to {args.out}")
     return 0

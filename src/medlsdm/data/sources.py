@@ -143,7 +143,7 @@ def _read_prepared(root: Path) -> Discovery:
     from medlsdm.data.dataset import load_manifest
 
     manifest = load_manifest(root)
-    source = Path(manifest.get("source") or "")
+    source = root / (manifest.get("source") or "")   # relative to the prepared folder (absolute before)
     if not manifest.get("source") or not source.is_dir():
         raise DataError(f"{root}: prepared from {source}, which is not found; give the original dataset folder "
                         f"(with --layout/--preset) instead")

@@ -63,9 +63,13 @@ def sample_label_edit(model_dir: str | Path, label_path: str | Path, edits: Sequ
              "edited_sample": f"{folder}/{stem}_edited_sample.nii.gz"}
     edited_volume = invert_label(edited, record)
     write_nifti(Path(out) / files["edited_label_map"], edited_volume.array, edited_volume.affine)
+    from medlsdm.data.io import synthetic_provenance
+
     intensity = model.sidecar.get("intensity")
-    write_sample(Path(out) / files["original_sample"], images[0], record, intensity)
-    write_sample(Path(out) / files["edited_sample"], images[1], record, intensity)
+    provenance = synthetic_provenance(model_dir, sampler, steps, guidance, seed=seed, label_path=stem)
+    write_sample(Path(out) / files["original_sample"], images[0], record, intensity, provenance)
+    write_sample(Path(out) / files["edited_sample"], images[1], record, intensity,
+                 {**provenance, "label_map_edits": [e.describe() for e in edits]})
     settings = {"label_map": Path(label_path).name, "seed": int(seed), "sampler": sampler, "steps": steps,
                 "guidance": guidance, "class_names": {str(k): v for k, v in model.table.names.items()}}
     return EditedPair(label, edited, images[0], images[1], files, settings)

@@ -46,14 +46,16 @@ def unconditional_record(model: SynthesisModel, image_shape: Sequence[int]) -> d
             "resampled": False, "crop_start": [0, 0, 0], "ornt": [[0, 1], [1, 1], [2, 1]], "normalisation": None}
 
 
-def write_sample(path: Path, array: np.ndarray, record: dict, intensity: dict | None) -> None:
-    """One sample (C, D, H, W) in [-1, 1] -> NIfTI on the record's original grid, de-normalised."""
-    from medlsdm.data.io import write_nifti
+def write_sample(path: Path, array: np.ndarray, record: dict, intensity: dict | None, provenance: dict) -> None:
+    """One sample (C, D, H, W) in [-1, 1] -> NIfTI on the record's original grid, de-normalised,
+    marked synthetic (header ``descrip`` and a JSON sidecar with `provenance`, see
+    `medlsdm.data.io.synthetic_provenance`)."""
+    from medlsdm.data.io import write_synthetic_nifti
     from medlsdm.data.preprocess import invert_image
 
     neutral = {"channels": [{"lo": -1.0, "hi": 1.0, "min": -1.0}]}   # keeps [-1, 1] when no intensities are known
     volume = invert_image(array, record, intensity=intensity or neutral)
-    write_nifti(path, volume.array, volume.affine)
+    write_synthetic_nifti(path, volume.array, volume.affine, provenance)
 
 
 def _trajectory_gif(path: Path, model: SynthesisModel, frames: list[torch.Tensor], label, image_shape) -> None:
@@ -93,7 +95,7 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
                     eta: float = 0.0, seed: int = 0, batch_size: int = 1, device: str = "auto",
                     save_trajectory: bool = False, progress: bool = True, clip_x0: float | None = None,
                     layout: str = "auto", label_map: str | dict | None = None, crop: bool = False,
-                    tile: bool = False) -> list[Path]:
+                    tile: bool = False, overwrite: bool = False) -> list[Path]:
     """Generate `n` volumes per label map (or `n` in all for unconditional models) and write each
     as ``<case ID>_sample<k>.nii.gz`` on the label map's own grid and affine, in original
     intensities, plus ``<case ID>_sample<k>.png`` (label map | sample on the model's grid) and,
@@ -105,11 +107,11 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
     `labels`: a label map file, a folder of them, or a dataset root (`layout`). `label_map`: another
     scheme's values -> the model's classes (see `labelmaps.parse_label_map`). `crop`: keep the
     training window even where the foreground is larger (cut, with a warning); `tile`: generate
-    grids larger than the training window in overlapping tiles of it instead of whole.
+    grids larger than the training window in overlapping tiles of it instead of whole. `out` is a
+    new folder or one `sample` wrote before (`medlsdm.files.owned_output`; `overwrite`: any other),
+    locked while it is written; every volume is marked synthetic, with a provenance sidecar.
     The same seed gives the same files (for the same batch size: one noise draw per batch)."""
-    from tqdm.auto import tqdm
-
-    from medlsdm.files import ensure_writable_dir, write_json
+    from medlsdm.files import owned_output
 
     if n < 1 or batch_size < 1:
         raise MedlsdmError("--n and --batch-size must be at least 1")
@@ -137,9 +139,22 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
             raise MedlsdmError("the model's sidecar gives no image shape for unconditional sampling")
         jobs = [LabelMapJob(case_id="sample", source=Path(), label=None,
                             record=unconditional_record(model, shape))]
-    out = ensure_writable_dir(out)
     tile_shape = model.card.shape if tile else None
+    inputs = [p for p in (labels, model_dir) if p is not None]
+    with owned_output(out, "sample", inputs=inputs, overwrite=overwrite) as out:
+        return _generate(model, jobs, out, model_dir, n, sampler, steps, guidance, eta, seed, batch_size,
+                         save_trajectory, progress, clip_x0, tile_shape, intensity)
 
+
+def _generate(model: SynthesisModel, jobs: list[LabelMapJob], out: Path, model_dir, n: int, sampler: str,
+              steps: int | None, guidance: float, eta: float, seed: int, batch_size: int, save_trajectory: bool,
+              progress: bool, clip_x0: float | None, tile_shape, intensity: dict | None) -> list[Path]:
+    from tqdm.auto import tqdm
+
+    from medlsdm.data.io import synthetic_provenance
+    from medlsdm.files import write_json
+
+    base = synthetic_provenance(model_dir, sampler, steps, guidance, seed=seed, label_path=None)   # hashes once
     written: list[Path] = []
     report = {"model": Path(model_dir).name, "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta,
               "seed": int(seed), "label_maps": []}
@@ -153,13 +168,15 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
             keep = max(1, (steps or model.schedule.T) // 20)   # about 20 frames per animation
             callback = ((lambda i, x, x0: frames.append(x0[:1].clone()) if i % keep == 0 else None)
                         if save_trajectory else None)
+            batch_seed = seed_for(seed, job.case_id, start)
             volumes = synthesize(model, job.label, n=k, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
-                                 seed=seed_for(seed, job.case_id, start), image_shape=image_shape,
-                                 callback=callback, progress=False, clip_x0=clip_x0,
-                                 tile=tile_shape).float().cpu().numpy()
+                                 seed=batch_seed, image_shape=image_shape, callback=callback, progress=False,
+                                 clip_x0=clip_x0, tile=tile_shape).float().cpu().numpy()
             for j in range(k):
                 name = sample_name(job.case_id, start + j)
-                write_sample(out / f"{name}.nii.gz", volumes[j], job.record, intensity)
+                provenance = {**base, "seed": batch_seed, "sample_index": start + j,
+                              "label_map_case_id": job.case_id if model.conditional else None}
+                write_sample(out / f"{name}.nii.gz", volumes[j], job.record, intensity, provenance)
                 _preview(out / f"{name}.png", volumes[j], job.label)
                 written.append(out / f"{name}.nii.gz")
                 files.append(f"{name}.nii.gz")
