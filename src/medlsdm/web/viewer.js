@@ -1,0 +1,102 @@
+// medlsdm viewer: NiiVue canvases with shared controls (plane, window/level, zoom) and linked
+// cursors. Used by the reader-study page and by the evaluation reports.
+// Mouse (NiiVue's own): wheel = next/previous slice, left click/drag = move the cursor,
+// right drag = window/level, middle drag or ctrl+drag = pan.
+(function () {
+  "use strict";
+  const nvlib = window.niivue;
+  const all = [];  // every viewer on the page, for the page's own tests and scripts
+
+  // One canvas showing `layers` (first = image, then overlays), each
+  // {base64, colormap, opacity, calMin, calMax}. Returns the Niivue instance.
+  async function create(canvas, layers, options) {
+    const opts = Object.assign({ sliceType: "multiplanar" }, options || {});
+    const nv = new nvlib.Niivue({
+      backColor: [0, 0, 0, 1], crosshairColor: [1, 0.85, 0, 0.8], crosshairWidth: 0.25, crosshairWidthUnit: "percent",
+      show3Dcrosshair: false, dragAndDropEnabled: false, logLevel: "error", loadingText: "",
+      isOrientationTextVisible: true, multiplanarShowRender: nvlib.SHOW_RENDER.NEVER,
+    });
+    await nv.attachToCanvas(canvas);
+    let i = 0;
+    for (const layer of layers) {
+      const image = await nvlib.NVImage.loadFromBase64({
+        base64: layer.base64, name: "volume" + (i++) + ".nii",
+        colormap: layer.colormap || "gray", opacity: layer.opacity === undefined ? 1 : layer.opacity,
+        cal_min: layer.calMin === undefined ? 0 : layer.calMin,
+        cal_max: layer.calMax === undefined ? 255 : layer.calMax, trustCalMinMax: true,
+      });
+      nv.addVolume(image);
+    }
+    setPlane(nv, opts.sliceType);
+    all.push(nv);
+    return nv;
+  }
+
+  function setPlane(nv, plane) {
+    const types = { axial: nv.sliceTypeAxial, coronal: nv.sliceTypeCoronal,
+                    sagittal: nv.sliceTypeSagittal, multiplanar: nv.sliceTypeMultiplanar };
+    nv.setSliceType(types[plane] === undefined ? nv.sliceTypeMultiplanar : types[plane]);
+  }
+
+  // Moving the cursor, scrolling or panning in one viewer moves all of them.
+  function link(nvs) {
+    if (nvs.length < 2) return;
+    nvs.forEach((nv) => nv.broadcastTo(nvs.filter((other) => other !== nv), { "2d": true, "3d": true }));
+  }
+
+  function el(tag, attrs, text) {
+    const node = document.createElement(tag);
+    Object.entries(attrs || {}).forEach(([k, v]) => node.setAttribute(k, v));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function slider(label, min, max, step, value, onInput) {
+    const wrap = el("label", { class: "mv-control" }, label + " ");
+    const input = el("input", { type: "range", min: String(min), max: String(max), step: String(step),
+                                value: String(value) });
+    input.addEventListener("input", () => onInput(Number(input.value)));
+    wrap.appendChild(input);
+    return { wrap, input };
+  }
+
+  // Plane, window/level and zoom widgets acting on every viewer in `nvs` (the image layer; the
+  // volumes are uint8, 0..255). Returns a function that resets them.
+  function controls(container, nvs, options) {
+    const opts = Object.assign({ plane: "multiplanar" }, options || {});
+    const bar = el("div", { class: "mv-controls" });
+    const plane = el("select", { class: "mv-plane", "aria-label": "plane" });
+    ["multiplanar", "axial", "coronal", "sagittal"].forEach((p) => plane.appendChild(el("option", { value: p }, p)));
+    plane.value = opts.plane;
+    plane.addEventListener("change", () => nvs.forEach((nv) => setPlane(nv, plane.value)));
+    const wl = { level: 127.5, width: 255 };
+    const applyWindow = () => nvs.forEach((nv) => {
+      const image = nv.volumes[0];
+      image.cal_min = wl.level - wl.width / 2;
+      image.cal_max = wl.level + wl.width / 2;
+      nv.updateGLVolume();
+    });
+    const level = slider("level", 0, 255, 1, wl.level, (v) => { wl.level = v; applyWindow(); });
+    const width = slider("width", 1, 255, 1, wl.width, (v) => { wl.width = v; applyWindow(); });
+    const applyZoom = (z) => nvs.forEach((nv) => {
+      const pan = nv.scene.pan2Dxyzmm;
+      nv.setPan2Dxyzmm([pan[0], pan[1], pan[2], z]);
+    });
+    const zoom = slider("zoom", 1, 4, 0.25, 1, applyZoom);
+    const reset = el("button", { type: "button", class: "mv-reset" }, "reset view");
+    const doReset = () => {
+      wl.level = 127.5; wl.width = 255; level.input.value = "127.5"; width.input.value = "255";
+      zoom.input.value = "1"; plane.value = opts.plane;
+      nvs.forEach((nv) => { nv.setPan2Dxyzmm([0, 0, 0, 1]); setPlane(nv, opts.plane); });
+      applyWindow();
+    };
+    reset.addEventListener("click", doReset);
+    const planeLabel = el("label", { class: "mv-control" }, "plane ");
+    planeLabel.appendChild(plane);
+    [planeLabel, level.wrap, width.wrap, zoom.wrap, reset].forEach((n) => bar.appendChild(n));
+    container.appendChild(bar);
+    return doReset;
+  }
+
+  window.MedlsdmViewer = { create, link, controls, setPlane, all };
+})();
