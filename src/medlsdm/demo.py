@@ -85,6 +85,7 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
     from medlsdm.evaluation.report import build_report
     from medlsdm.evaluation.segmentation import evaluate_segmentation
     from medlsdm.generate import sample_to_files
+    from medlsdm.web.viewer import record_samples
 
     out = ensure_writable_dir(out)
     n = 7
@@ -128,6 +129,7 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
     _step(6, n, f"label-map editing: {SHOWCASE_EDIT.describe()} in {first.name}, sampled from the same noise")
     edit = run_label_edit(model_dir, first, [SHOWCASE_EDIT], evaluation, seed=seed, steps=steps)
     _step(7, n, "writing the report")
+    record_samples(evaluation, first, sorted(diversity.glob("*.nii.gz")))  # for the report's 3D viewer
     build_report(evaluation)
     summary = headline(quality, segmentation, privacy, edit)
     summary["report"] = str(evaluation / "report.html")

@@ -12,24 +12,29 @@
   async function create(canvas, layers, options) {
     const opts = Object.assign({ sliceType: "multiplanar" }, options || {});
     const nv = new nvlib.Niivue({
-      backColor: [0, 0, 0, 1], crosshairColor: [1, 0.85, 0, 0.8], crosshairWidth: 0.25, crosshairWidthUnit: "percent",
+      backColor: [0, 0, 0, 1], crosshairColor: [1, 0.85, 0, 0.8], crosshairWidth: 0.6, crosshairWidthUnit: "percent",
       show3Dcrosshair: false, dragAndDropEnabled: false, logLevel: "error", loadingText: "",
       isOrientationTextVisible: true, multiplanarShowRender: nvlib.SHOW_RENDER.NEVER,
     });
     await nv.attachToCanvas(canvas);
-    let i = 0;
+    await setLayers(nv, layers);
+    setPlane(nv, opts.sliceType);
+    all.push(nv);
+    return nv;
+  }
+
+  // Replace what `nv` shows by `layers`.
+  async function setLayers(nv, layers) {
+    while (nv.volumes.length) nv.removeVolumeByIndex(0);
     for (const layer of layers) {
       const image = await nvlib.NVImage.loadFromBase64({
-        base64: layer.base64, name: "volume" + (i++) + ".nii",
+        base64: layer.base64, name: "volume" + nv.volumes.length + ".nii",
         colormap: layer.colormap || "gray", opacity: layer.opacity === undefined ? 1 : layer.opacity,
         cal_min: layer.calMin === undefined ? 0 : layer.calMin,
         cal_max: layer.calMax === undefined ? 255 : layer.calMax, trustCalMinMax: true,
       });
       nv.addVolume(image);
     }
-    setPlane(nv, opts.sliceType);
-    all.push(nv);
-    return nv;
   }
 
   function setPlane(nv, plane) {
@@ -72,6 +77,7 @@
     const wl = { level: 127.5, width: 255 };
     const applyWindow = () => nvs.forEach((nv) => {
       const image = nv.volumes[0];
+      if (!image || image.colormap !== "gray") return;  // a label map shown alone keeps its colours
       image.cal_min = wl.level - wl.width / 2;
       image.cal_max = wl.level + wl.width / 2;
       nv.updateGLVolume();
@@ -98,5 +104,49 @@
     return doReset;
   }
 
-  window.MedlsdmViewer = { create, link, controls, setPlane, all };
+  // A row of canvases with linked cursors and shared controls; `rows` (>= 1, same panel count)
+  // are the choices of a menu, shown one at a time in the same canvases.
+  async function mountRows(root, rows) {
+    const box = el("div", { class: "mv-row" });
+    const heading = el("h3", {}, rows[0].title);
+    box.appendChild(heading);
+    if (rows.length > 1) {
+      const menu = el("select", { class: "mv-case", "aria-label": "case" });
+      rows.forEach((r, i) => menu.appendChild(el("option", { value: String(i) }, r.title)));
+      menu.addEventListener("change", async () => {
+        const row = rows[Number(menu.value)];
+        heading.textContent = row.title;
+        for (let i = 0; i < nvs.length; i++) await setLayers(nvs[i], row.panels[i].layers);
+        reset();
+      });
+      box.appendChild(menu);
+    }
+    const grid = el("div", { class: "mv-panels" });
+    grid.style.gridTemplateColumns = "repeat(" + rows[0].panels.length + ", 1fr)";
+    box.appendChild(grid);
+    root.appendChild(box);
+    const nvs = [];
+    for (const panel of rows[0].panels) {
+      const fig = el("figure");
+      fig.appendChild(el("figcaption", {}, panel.title));
+      const holder = el("div", { class: "mv-canvas" });  // NiiVue sizes the canvas to its parent
+      const canvas = el("canvas", { width: "400", height: "260" });
+      holder.appendChild(canvas);
+      fig.appendChild(holder);
+      grid.appendChild(fig);
+      nvs.push(await create(canvas, panel.layers, { sliceType: "axial" }));
+    }
+    link(nvs);
+    const reset = controls(box, nvs, { plane: "axial" });
+  }
+
+  // The report viewer: {cases: [row], samples: row | null}, each row {title, panels: [{title, layers}]}.
+  async function mountReport(root, data) {
+    root.hidden = false;
+    if (data.cases.length) await mountRows(root, data.cases);
+    if (data.samples) await mountRows(root, [data.samples]);
+    root.dataset.ready = "1";
+  }
+
+  window.MedlsdmViewer = { create, setLayers, link, controls, setPlane, mountReport, all };
 })();

@@ -121,10 +121,7 @@
       nv = await MedlsdmViewer.create($("viewer"), layers);
       resetView = MedlsdmViewer.controls($("controls"), [nv]);
     } else {
-      while (nv.volumes.length) nv.removeVolumeByIndex(0);
-      const image = await niivue.NVImage.loadFromBase64({ base64: base64, name: "volume.nii",
-                                                          cal_min: 0, cal_max: 255, trustCalMinMax: true });
-      nv.addVolume(image);
+      await MedlsdmViewer.setLayers(nv, layers);
       resetView();
     }
     delete document.body.dataset.loading;
