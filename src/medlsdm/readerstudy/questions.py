@@ -68,7 +68,9 @@ def check_categories(data, source: str = "categories") -> list[dict]:
             raise ConfigError(f"{source}: category {cid}: 'question' must be a text")
         if (not isinstance(options, list) or len(options) < 2
                 or not all(isinstance(o, str) and o.strip() for o in options)):
-            raise ConfigError(f"{source}: category {cid}: 'options' must be a list of at least two texts")
+            hint = (" (YAML reads unquoted yes/no/on/off as true/false: quote them)"
+                    if isinstance(options, list) and any(isinstance(o, bool) for o in options) else "")
+            raise ConfigError(f"{source}: category {cid}: 'options' must be a list of at least two texts{hint}")
         seen.add(cid)
         out.append({"id": cid, "question": question.strip(), "options": [o.strip() for o in options]})
     return out
