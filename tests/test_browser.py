@@ -231,6 +231,21 @@ def test_report_viewer_renders_links_and_degrades(browser, tmp_path):
     assert scrolled[0][2] != pytest.approx(clicked[0][2], abs=1e-3)
     assert [p[2] for p in scrolled] == pytest.approx([scrolled[0][2]] * 3, abs=1e-3)
 
+    # Middle drag pans (all linked views), right drag changes window/level.
+    pan = "MedlsdmViewer.all.slice(0, 3).map(nv => Array.from(nv.scene.pan2Dxyzmm))"
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for button in ("middle", "right"):
+        page.mouse.move(cx, cy)
+        page.mouse.down(button=button)
+        page.mouse.move(cx + 40, cy + 25, steps=5)
+        page.mouse.up(button=button)
+        page.wait_for_timeout(200)
+    panned = page.evaluate(pan)
+    assert panned[0][:2] != pytest.approx([0, 0], abs=1e-3) and panned[1] == pytest.approx(panned[0], abs=1e-3)
+    window = page.evaluate("[MedlsdmViewer.all[0].volumes[0].cal_min, MedlsdmViewer.all[0].volumes[0].cal_max]")
+    assert window != pytest.approx([0, 255], abs=0.5)
+    page.click(".mv-reset")
+
     # Zoom and the case menu change what the canvases show.
     before = pixels(canvases.nth(2).screenshot())
     page.locator(".mv-controls").first.locator("input[type=range]").nth(2).fill("3")

@@ -1,7 +1,7 @@
 // medlsdm viewer: NiiVue canvases with shared controls (plane, window/level, zoom) and linked
 // cursors. Used by the reader-study page and by the evaluation reports.
 // Mouse (NiiVue's own): wheel = next/previous slice, left click/drag = move the cursor,
-// right drag = window/level, middle drag or ctrl+drag = pan.
+// right drag = window/level, middle drag = pan.
 (function () {
   "use strict";
   const nvlib = window.niivue;
@@ -15,6 +15,8 @@
       backColor: [0, 0, 0, 1], crosshairColor: [1, 0.85, 0, 0.8], crosshairWidth: 0.6, crosshairWidthUnit: "percent",
       show3Dcrosshair: false, dragAndDropEnabled: false, logLevel: "error", loadingText: "",
       isOrientationTextVisible: true, multiplanarShowRender: nvlib.SHOW_RENDER.NEVER,
+      mouseEventConfig: { leftButton: { primary: nvlib.DRAG_MODE.crosshair },
+                          rightButton: nvlib.DRAG_MODE.contrast, centerButton: nvlib.DRAG_MODE.pan },
     });
     await nv.attachToCanvas(canvas);
     await setLayers(nv, layers);
