@@ -126,6 +126,8 @@ def read_answers(path: str | os.PathLike) -> ReaderAnswers:
 def _value(raw, allowed: set, where: str):
     if all(isinstance(a, int) for a in allowed):
         try:
+            if isinstance(raw, bool):
+                raise ValueError
             value = int(raw)
             if value != float(raw):
                 raise ValueError

@@ -25,7 +25,19 @@
     return nv;
   }
 
-  // Replace what `nv` shows by `layers`.
+  // Distinct colours for label values 1..n (0 transparent), cycling after ten.
+  const PALETTE = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                   [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]];
+  function labelColours(n) {
+    const lut = { R: [0], G: [0], B: [0], A: [0], I: [0] };
+    for (let v = 1; v <= n; v++) {
+      const c = PALETTE[(v - 1) % PALETTE.length];
+      lut.R.push(c[0]); lut.G.push(c[1]); lut.B.push(c[2]); lut.A.push(255); lut.I.push(v);
+    }
+    return lut;
+  }
+
+  // Replace what `nv` shows by `layers`; a layer with `labels: n` is a label map (values 0..n).
   async function setLayers(nv, layers) {
     while (nv.volumes.length) nv.removeVolumeByIndex(0);
     for (const layer of layers) {
@@ -35,6 +47,7 @@
         cal_min: layer.calMin === undefined ? 0 : layer.calMin,
         cal_max: layer.calMax === undefined ? 255 : layer.calMax, trustCalMinMax: true,
       });
+      if (layer.labels) image.setColormapLabel(labelColours(layer.labels));
       nv.addVolume(image);
     }
   }

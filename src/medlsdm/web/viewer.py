@@ -92,8 +92,7 @@ def _row_data(row: Row, max_side: int) -> dict:
         if i in labels:
             arr, aff = _downsampled(*labels[i], max_side, order=0)
             layers.append({"base64": nifti_base64(np.clip(arr, 0, 255).astype(np.uint8), aff, compress=True),
-                           "colormap": "warm", "opacity": 0.45 if layers else 1.0,
-                           "calMin": 0.5, "calMax": max(1, top)})
+                           "labels": int(min(255, max(1, top))), "opacity": 0.5 if layers else 1.0})
         panels.append({"title": panel.title, "layers": layers})
     return {"title": row.title, "panels": panels}
 
