@@ -269,12 +269,22 @@ def test_report_viewer_embeds_cases_and_degrades(tmp_path):
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * (0.5 + k), img.affine), str(syn / f"patient_00_sample{k}.nii.gz"))
     img = nib.load(real / "patient_01.nii.gz")
     nib.save(img, str(syn / "patient_01.nii.gz"))
-    rows, samples = case_rows(real, syn)
+    labels = tmp_path / "labels"  # a label scheme 0/1/2/4, on patient_00 only
+    labels.mkdir()
+    lab = np.zeros((16, 16, 16), np.int16)
+    lab[2:6], lab[6:9], lab[9:12] = 1, 2, 4
+    nib.save(nib.Nifti1Image(lab, nib.load(real / "patient_00.nii.gz").affine), str(labels / "patient_00.nii.gz"))
+    rows, samples = case_rows(real, syn, labels)
     assert [r.title for r in rows] == ["case patient_00", "case patient_01"]
-    assert [p.title for p in rows[0].panels] == ["real", "synthetic, sample 0"]
-    assert samples is not None and len(samples.panels) == 2
+    assert [p.title for p in rows[0].panels] == ["real", "label map on real", "synthetic, sample 0"]
+    assert [p.title for p in rows[1].panels] == ["real", "synthetic"]
+    assert samples is not None and [p.title for p in samples.panels] == ["label map on sample 1", "sample 1", "sample 2"]
     block = viewer_block(rows, samples, max_side=8)
     data = json.loads(block.split('class="mv-data">', 1)[1].split("</script>", 1)[0])
+    overlay = data["cases"][0]["panels"][1]["layers"][1]
+    assert overlay["labels"] == 4
+    lab_vol = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(base64.b64decode(overlay["base64"])))
+    assert set(np.unique(np.asarray(lab_vol.dataobj))) == {0, 1, 2, 4}  # nearest neighbour: no new values
     layer = data["cases"][0]["panels"][0]["layers"][0]
     vol = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(base64.b64decode(layer["base64"])))
     assert vol.shape == (8, 8, 8) and vol.get_data_dtype() == np.uint8
