@@ -173,8 +173,8 @@ def test_study_page_renders_scrolls_is_answered_and_scored(browser, tmp_path):
 
 
 def labelled_evaluation(tmp_path):
-    """An evaluation folder made by `medlsdm evaluate quality` (real with label maps, synthetic
-    with two samples of the first case)."""
+    """An evaluation folder made by `medlsdm evaluate quality` (real, the first case with a label
+    map, synthetic with two samples of the first case)."""
     real, _ = write_cohorts(tmp_path / "data", 2, 0)
     labels, syn = tmp_path / "labels", tmp_path / "syn"
     labels.mkdir()
@@ -182,7 +182,8 @@ def labelled_evaluation(tmp_path):
     for k, case in enumerate(("patient_00", "patient_01")):
         img = nib.load(real / f"{case}.nii.gz")
         arr = np.asarray(img.dataobj).astype(np.float32)
-        nib.save(nib.Nifti1Image((arr > 300).astype(np.int16) + (arr > 500), img.affine), str(labels / f"{case}.nii.gz"))
+        if k == 0:
+            nib.save(nib.Nifti1Image((arr > 300).astype(np.int16) + (arr > 500), img.affine), str(labels / f"{case}.nii.gz"))
         for s in range(2 if k == 0 else 1):
             fake = np.roll(arr, 2 * s + 1, axis=0) * 0.9
             nib.save(nib.Nifti1Image(fake, img.affine), str(syn / f"{case}_sample{s}.nii.gz"))
@@ -252,10 +253,23 @@ def test_report_viewer_renders_links_and_degrades(browser, tmp_path):
     page.wait_for_timeout(300)
     zoomed = pixels(canvases.nth(2).screenshot())
     assert np.abs(zoomed - before).mean() > 1
-    page.select_option(".mv-case", "1")
-    page.wait_for_timeout(500)
+    page.select_option(".mv-case", "1")  # a case without a label map: two panels
+    wait_until(page, REPORT_READY)
     assert page.text_content(".mv-row h3") == "case patient_01"
-    assert np.abs(pixels(canvases.nth(2).screenshot()) - zoomed).mean() > 1
+    visible = page.eval_on_selector_all(".mv-row:first-child figure:not([hidden]) figcaption",
+                                        "els => els.map(e => e.textContent)")
+    assert visible == ["real", "synthetic, sample 0"]
+    layers = "MedlsdmViewer.all.slice(0, 3).map(nv => nv.volumes.length)"
+    assert page.evaluate(layers)[:2] == [1, 1]  # real; synthetic (was: label map over real)
+    # back to the middle slice (the wheel moved it), where every test volume shows its ball
+    page.evaluate("MedlsdmViewer.all.forEach(nv => { nv.scene.crosshairPos = [0.5, 0.5, 0.5]; nv.drawScene(); })")
+    page.wait_for_timeout(200)
+    for i in range(2):
+        assert_not_blank(canvases.nth(i).screenshot(), f"case 2, {visible[i]}")
+    page.select_option(".mv-case", "0")
+    wait_until(page, REPORT_READY)
+    assert page.locator(".mv-row:first-child figure:not([hidden])").count() == 3
+    assert page.evaluate(layers) == [1, 2, 1]
     assert not errors, errors
     context.close()
 

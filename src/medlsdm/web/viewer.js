@@ -119,39 +119,54 @@
     return doReset;
   }
 
-  // A row of canvases with linked cursors and shared controls; `rows` (>= 1, same panel count)
-  // are the choices of a menu, shown one at a time in the same canvases.
+  // A row of canvases with linked cursors and shared controls; `rows` are the choices of a menu,
+  // shown one at a time in the same canvases (more are added when a row has more panels; those
+  // a row does not use are hidden).
   async function mountRows(root, rows) {
     const box = el("div", { class: "mv-row" });
     const heading = el("h3", {}, rows[0].title);
     box.appendChild(heading);
+    const grid = el("div", { class: "mv-panels" });
+    const nvs = [];
+    const figures = [];
+    async function show(row) {
+      heading.textContent = row.title;
+      grid.style.gridTemplateColumns = "repeat(" + row.panels.length + ", 1fr)";
+      for (let i = 0; i < row.panels.length; i++) {
+        const panel = row.panels[i];
+        if (i < nvs.length) {
+          figures[i].hidden = false;
+          figures[i].querySelector("figcaption").textContent = panel.title;
+          await setLayers(nvs[i], panel.layers);
+          continue;
+        }
+        const fig = el("figure");
+        fig.appendChild(el("figcaption", {}, panel.title));
+        const holder = el("div", { class: "mv-canvas" });  // NiiVue sizes the canvas to its parent
+        const canvas = el("canvas", { width: "400", height: "260" });
+        holder.appendChild(canvas);
+        fig.appendChild(holder);
+        grid.appendChild(fig);
+        figures.push(fig);
+        nvs.push(await create(canvas, panel.layers, { sliceType: "axial" }));
+      }
+      figures.forEach((fig, i) => { fig.hidden = i >= row.panels.length; });
+      link(nvs.slice(0, row.panels.length));
+    }
     if (rows.length > 1) {
       const menu = el("select", { class: "mv-case", "aria-label": "case" });
       rows.forEach((r, i) => menu.appendChild(el("option", { value: String(i) }, r.title)));
       menu.addEventListener("change", async () => {
-        const row = rows[Number(menu.value)];
-        heading.textContent = row.title;
-        for (let i = 0; i < nvs.length; i++) await setLayers(nvs[i], row.panels[i].layers);
+        delete root.dataset.ready;
+        await show(rows[Number(menu.value)]);
         reset();
+        root.dataset.ready = "1";
       });
       box.appendChild(menu);
     }
-    const grid = el("div", { class: "mv-panels" });
-    grid.style.gridTemplateColumns = "repeat(" + rows[0].panels.length + ", 1fr)";
     box.appendChild(grid);
     root.appendChild(box);
-    const nvs = [];
-    for (const panel of rows[0].panels) {
-      const fig = el("figure");
-      fig.appendChild(el("figcaption", {}, panel.title));
-      const holder = el("div", { class: "mv-canvas" });  // NiiVue sizes the canvas to its parent
-      const canvas = el("canvas", { width: "400", height: "260" });
-      holder.appendChild(canvas);
-      fig.appendChild(holder);
-      grid.appendChild(fig);
-      nvs.push(await create(canvas, panel.layers, { sliceType: "axial" }));
-    }
-    link(nvs);
+    await show(rows[0]);
     const reset = controls(box, nvs, { plane: "axial" });
   }
 
