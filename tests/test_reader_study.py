@@ -197,6 +197,11 @@ def test_score_computes_per_reader_and_pooled(built, tmp_path, capsys):
     assert res["agreement"]["cohen"][0]["turing"]["kappa"] == pytest.approx(
         cohen_kappa(a_answers, sources, ["real", "synthetic"]))
     assert res["agreement"]["cohen"][0]["appearance"]["kappa"] is not None
+    # a second run into the same folder needs --overwrite (another command's report may be there)
+    again = ["reader-study", "score", str(folder), "--answers", str(a), str(b), "--key", str(key_path),
+             "--out", str(tmp_path / "score")]
+    assert main(again) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert main(again + ["--overwrite"]) == 0
     report = (tmp_path / "score" / "report.html").read_text()
     assert "Turing test" in report and "figures/ratings.png" in report
     assert (tmp_path / "score" / "figures" / "turing.png").stat().st_size > 1000

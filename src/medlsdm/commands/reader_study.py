@@ -49,6 +49,7 @@ def register(sub) -> None:
     c.add_argument("--answers", nargs="+", required=True, help="answer files exported by the page (JSON or CSV)")
     c.add_argument("--key", required=True, help="the study's key (written by `reader-study build`)")
     c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--overwrite", action="store_true", help="replace score.json and a report already in --out")
     c.set_defaults(func=_run_score)
 
 
@@ -75,7 +76,7 @@ def _run_serve(args) -> int:
 def _run_score(args) -> int:
     from medlsdm.readerstudy.score import score_study
 
-    result = score_study(args.study, args.answers, args.key, args.out)
+    result = score_study(args.study, args.answers, args.key, args.out, overwrite=args.overwrite)
     for reader, res in result["turing"]["per_reader"].items():
         print(f"{reader}: Turing accuracy {res['accuracy']:.3f} (95% CI {res['ci95'][0]:.3f}–{res['ci95'][1]:.3f}, "
               f"p = {res['p_value']:.3g}, n = {res['n']})")

@@ -290,11 +290,19 @@ def _agreement(study: dict, readers: list[ReaderAnswers]) -> dict:
     return {"n_readers": len(readers), "cohen": pairs, "fleiss": fleiss}
 
 
+OUTPUTS = ("score.json", "report.md", "report.html", "figures/ratings.png", "figures/turing.png")
+
+
 def score_study(study_dir: str | os.PathLike, answer_files: Sequence[str | os.PathLike],
-                key: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """Check the answers, compute the statistics, write OUT/score.json, plots and the report."""
+                key: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Check the answers, compute the statistics, write OUT/score.json, plots and the report
+    (replacing such files already in OUT only with ``overwrite``)."""
     from medlsdm.readerstudy.report import write_score_report
 
+    present = [name for name in OUTPUTS if (Path(out_dir) / name).exists()]
+    if present and not overwrite:
+        raise MedlsdmError(f"{out_dir}: already holds {', '.join(present)}; pass --overwrite to replace them "
+                           f"or choose another --out")
     study = load_study(study_dir)
     sources = load_key(key, study)
     readers = check_answers(study, [read_answers(p) for p in answer_files])
