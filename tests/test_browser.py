@@ -68,7 +68,7 @@ def answer_item(page, study, choices: dict) -> None:
 def test_study_page_renders_scrolls_is_answered_and_scored(browser, tmp_path):
     real, synthetic = write_cohorts(tmp_path / "data", 3, 3)
     study = build_study(real, synthetic, 3, tmp_path / "study", seed=4, turing=True)
-    key = json.loads((tmp_path / "study-key.json").read_text())
+    key = json.loads((tmp_path / "study-key.json").read_text(encoding="utf-8"))
     sources = {it["id"]: it["source"] for it in key["items"]}
     context = browser.new_context(viewport={"width": 1000, "height": 1100}, accept_downloads=True)
     page = context.new_page()
@@ -160,12 +160,12 @@ def test_study_page_renders_scrolls_is_answered_and_scored(browser, tmp_path):
     assert not errors, errors
     context.close()
 
-    exported = json.loads(a_file.read_text())
+    exported = json.loads(a_file.read_text(encoding="utf-8"))
     assert exported["study_id"] == study["study_id"] and exported["reader"] == "Reader A"
     assert {r["item"]: {k: v for k, v in r.items() if k != "item"} for r in exported["answers"]} == a_choice
     assert main(["reader-study", "score", str(tmp_path / "study"), "--answers", str(a_file), str(b_file),
                  "--key", str(tmp_path / "study-key.json"), "--out", str(tmp_path / "score")]) == 0
-    res = json.loads((tmp_path / "score" / "score.json").read_text())
+    res = json.loads((tmp_path / "score" / "score.json").read_text(encoding="utf-8"))
     assert res["turing"]["per_reader"]["Reader A"]["correct"] == 5
     assert res["turing"]["per_reader"]["Reader B"]["accuracy"] == 0.5
     assert res["ratings"]["appearance"]["per_reader"]["Reader A"]["real"]["counts"] == [0, 0, 0, 3]

@@ -28,7 +28,7 @@ def cohorts(tmp_path):
 
 
 def volume_bytes(study, item_id) -> bytes:
-    text = (study / "volumes" / f"{item_id}.js").read_text()
+    text = (study / "volumes" / f"{item_id}.js").read_text(encoding="utf-8")
     prefix = f'medlsdmVolume("{item_id}", "'
     assert text.startswith(prefix) and text.endswith('");\n')
     return base64.b64decode(text[len(prefix):-4])
@@ -52,7 +52,7 @@ def answers_for(study_json, key, reader, correct_items=(), rating=lambda i, src:
 def test_build_is_balanced_seeded_and_blinded(cohorts, tmp_path):
     real, synthetic = cohorts
     study = build_study(real, synthetic, 3, tmp_path / "study", seed=7, turing=True)
-    key = json.loads((tmp_path / "study-key.json").read_text())
+    key = json.loads((tmp_path / "study-key.json").read_text(encoding="utf-8"))
     assert key["study_id"] == study["study_id"]
     assert sorted(it["source"] for it in key["items"]) == ["real"] * 3 + ["synthetic"] * 3
     assert [it["id"] for it in key["items"]] == [it["id"] for it in study["items"]]
@@ -108,7 +108,7 @@ def test_build_refuses_what_it_should(cohorts, tmp_path, capsys):
     (existing / "notes.txt").write_text("keep me")
     with pytest.raises(MedlsdmError, match="not a reader study"):
         build_study(real, synthetic, 2, existing)
-    assert (existing / "notes.txt").read_text() == "keep me"
+    assert (existing / "notes.txt").read_text(encoding="utf-8") == "keep me"
     build_study(real, synthetic, 2, tmp_path / "s")
     assert main(["reader-study", "build", "--real", str(real), "--synthetic", str(synthetic), "--n", "2",
                  "--out", str(tmp_path / "s")]) == 2
@@ -157,7 +157,7 @@ def test_statistics_match_textbook_values():
 def built(cohorts, tmp_path):
     real, synthetic = cohorts
     study = build_study(real, synthetic, 4, tmp_path / "study", seed=1, turing=True)
-    key = json.loads((tmp_path / "study-key.json").read_text())
+    key = json.loads((tmp_path / "study-key.json").read_text(encoding="utf-8"))
     return tmp_path / "study", study, key, tmp_path / "study-key.json"
 
 
@@ -173,7 +173,7 @@ def test_score_computes_per_reader_and_pooled(built, tmp_path, capsys):
     a = write(tmp_path / "a.json", answers_for(study, key, "A", ids[:6], lambda k, s: 4 if s == "real" else 2))
     b_data = answers_for(study, key, "B", ids)
     b = tmp_path / "b.csv"  # the CSV export reads the same
-    with open(b, "w", newline="") as fh:
+    with open(b, "w", newline="", encoding="utf-8") as fh:
         cols = ["study_id", "reader", "item", "appearance", "slice_consistency", "anatomy", "turing", "confidence"]
         w = csv.DictWriter(fh, cols)
         w.writeheader()
@@ -182,7 +182,7 @@ def test_score_computes_per_reader_and_pooled(built, tmp_path, capsys):
     assert main(["reader-study", "score", str(folder), "--answers", str(a), str(b), "--key", str(key_path),
                  "--out", str(tmp_path / "score")]) == 0
     assert "A: Turing accuracy 0.750" in capsys.readouterr().out
-    res = json.loads((tmp_path / "score" / "score.json").read_text())
+    res = json.loads((tmp_path / "score" / "score.json").read_text(encoding="utf-8"))
     t = res["turing"]
     assert t["per_reader"]["A"]["correct"] == 6 and t["per_reader"]["B"]["accuracy"] == 1.0
     assert t["pooled"]["n"] == 16 and t["pooled"]["correct"] == 14
@@ -202,7 +202,7 @@ def test_score_computes_per_reader_and_pooled(built, tmp_path, capsys):
              "--out", str(tmp_path / "score")]
     assert main(again) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert main(again + ["--overwrite"]) == 0
-    report = (tmp_path / "score" / "report.html").read_text()
+    report = (tmp_path / "score" / "report.html").read_text(encoding="utf-8")
     assert "Turing test" in report and "figures/ratings.png" in report
     assert (tmp_path / "score" / "figures" / "turing.png").stat().st_size > 1000
 
@@ -302,9 +302,9 @@ def test_report_viewer_embeds_cases_and_degrades(tmp_path):
     out.mkdir()
     (out / "metrics.json").write_text(json.dumps(metrics))
     md, html = build_report(out)
-    assert "Interactive viewer" in html.read_text() and "mv-data" in html.read_text()
-    assert "Open report.html for an interactive 3D viewer." in md.read_text()
+    assert "Interactive viewer" in html.read_text(encoding="utf-8") and "mv-data" in html.read_text(encoding="utf-8")
+    assert "Open report.html for an interactive 3D viewer." in md.read_text(encoding="utf-8")
     metrics["synthetic"] = str(tmp_path / "gone")
     (out / "metrics.json").write_text(json.dumps(metrics))
     md, html = build_report(out)
-    assert "mv-data" not in html.read_text()
+    assert "mv-data" not in html.read_text(encoding="utf-8")
