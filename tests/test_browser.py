@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import time
 
 import nibabel as nib
 import numpy as np
