@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # CPU build; on a GPU machine pip picks the CUDA build (see README, "GPU set-up").
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test env clean-env
+.PHONY: demo test env browser clean-env
 
 $(BIN)/medlsdm: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,17 @@ env: $(BIN)/medlsdm
 demo: env
 	$(BIN)/medlsdm demo --out demo_output
 
-test: env
+# Chromium for the browser tests (tests/test_browser.py) comes from the system packages: installed
+# here when missing and this runs as root with apt-get; otherwise those tests skip, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (Debian package) for the browser tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	    || echo "chromium could not be installed: the browser tests will be skipped"; \
+	else echo "chromium not found (installing it needs root and apt-get): the browser tests will be skipped"; fi
+
+test: env browser
 	$(BIN)/python -m pytest -q tests
 
 clean-env:

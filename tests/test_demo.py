@@ -38,6 +38,8 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
 
     assert load_model(out / "runs" / "diffusion").autoencoder.decoder_kind == "spade"   # attached last
     assert "Label-map editing" in (out / "evaluation" / "report.md").read_text(encoding="utf-8")
+    page = (out / "evaluation" / "report.html").read_text(encoding="utf-8")   # the interactive 3D viewer
+    assert 'class="mv-data"' in page and "samples of one label map (subject_004)" in page
     assert 0.0 <= summary["privacy_flagged"] <= 1.0
 
     # Re-running into the same folder reuses the trained stages as they are (the diffusion run's

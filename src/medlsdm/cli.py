@@ -29,6 +29,7 @@ COMMAND_MODULES: list[str] = [
     "medlsdm.commands.train",
     "medlsdm.commands.sample",
     "medlsdm.commands.evaluate",
+    "medlsdm.commands.reader_study",
     "medlsdm.commands.export",
     "medlsdm.commands.demo",
 ]

@@ -102,6 +102,7 @@ def _run_demo(out: Path, train, budget_minutes, n_subjects, n_test, shape, spaci
     from medlsdm.evaluation.report import build_report
     from medlsdm.evaluation.segmentation import evaluate_segmentation
     from medlsdm.inference import sample_to_files
+    from medlsdm.web.viewer import record_samples
 
     n = 7
     cohort = out / "cohort"
@@ -144,6 +145,7 @@ def _run_demo(out: Path, train, budget_minutes, n_subjects, n_test, shape, spaci
     _step(6, n, f"label-map editing: {SHOWCASE_EDIT.describe()} in {first.name}, sampled from the same noise")
     edit = run_label_edit(model_dir, first, [SHOWCASE_EDIT], evaluation, seed=seed, steps=steps)
     _step(7, n, "writing the report")
+    record_samples(evaluation, first, sorted(diversity.glob("*.nii.gz")))  # for the report's 3D viewer
     build_report(evaluation)
     summary = headline(quality, segmentation, privacy, edit)
     summary["report"] = str(evaluation / "report.html")

@@ -21,8 +21,9 @@ from typing import Any, Callable, Sequence, Union
 
 from medlsdm.errors import MedlsdmError
 from medlsdm.files import atomic_output, ensure_writable_dir, read_json
+from medlsdm.web.viewer import report_viewer
 
-__all__ = ["Text", "Table", "Figure", "Section", "SECTION_FILES", "fmt", "write_report",
+__all__ = ["Text", "Table", "Figure", "Html", "Section", "SECTION_FILES", "fmt", "write_report",
            "build_report", "quality_section", "segmentation_section", "privacy_section",
            "label_edit_section"]
 
@@ -45,7 +46,14 @@ class Figure:
     caption: str = ""
 
 
-Block = Union[Text, Table, Figure]
+@dataclass
+class Html:
+    """A block for report.html only (the interactive viewer); report.md shows ``fallback``."""
+    html: str
+    fallback: str = ""
+
+
+Block = Union[Text, Table, Figure, Html]
 
 
 @dataclass
@@ -105,6 +113,8 @@ def _markdown(sections: Sequence[Section], title: str) -> str:
                 lines += [f"![{block.caption}]({block.path})", ""]
                 if block.caption:
                     lines += [f"*{block.caption}*", ""]
+            elif isinstance(block, Html) and block.fallback:
+                lines += [block.fallback, ""]
     return "\n".join(lines)
 
 
@@ -141,6 +151,8 @@ def _html(sections: Sequence[Section], title: str) -> str:
             elif isinstance(block, Figure):
                 out.append(f"<figure><img src='{esc(block.path, quote=True)}' alt='{esc(block.caption, quote=True)}'>"
                            f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+            elif isinstance(block, Html):
+                out.append(block.html)
     out.append("</body></html>")
     return "\n".join(out)
 
@@ -332,6 +344,9 @@ def build_report(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     sections = [render(read_json(out_dir / name), out_dir)
                 for name, render in SECTION_FILES.items() if (out_dir / name).is_file()]
+    viewer = report_viewer(out_dir) if sections else None
+    if viewer:
+        sections.insert(1, Section("Interactive viewer", [Html(viewer, "Open report.html for an interactive 3D viewer.")]))
     if not sections:
         raise MedlsdmError(f"{out_dir}: no evaluation results to report (expected one of "
                            f"{', '.join(SECTION_FILES)}; run `medlsdm evaluate quality|segmentation|privacy --out {out_dir}`)")
