@@ -21,9 +21,12 @@ ALLOWED = {
     "models": BASE | {"weights", "data"},
     "diffusion": BASE | {"models", "data"},
     "inference": BASE | {"config", "data", "models", "diffusion", "weights", "viz"},
-    "evaluation": BASE | {"config", "data", "models", "diffusion", "weights", "viz", "inference"},
+    "web": BASE | {"data"},
+    "evaluation": BASE | {"config", "data", "models", "diffusion", "weights", "viz", "inference", "web"},
+    "readerstudy": BASE | {"data", "web", "viz", "evaluation"},
     "training": BASE | {"config", "data", "models", "diffusion", "weights", "viz", "inference", "evaluation.metrics"},
-    "demo": BASE | {"config", "data", "models", "diffusion", "weights", "viz", "inference", "evaluation", "training"},
+    "demo": BASE | {"config", "data", "models", "diffusion", "weights", "viz", "inference", "evaluation", "training",
+                    "web"},
     "commands": None,   # the command line may import everything
     "cli": BASE | {"commands"},
 }

@@ -263,7 +263,7 @@ def test_serve_gives_the_folder_on_localhost(built):
 def test_report_viewer_embeds_cases_and_degrades(tmp_path):
     """The evaluation report gets the viewer block while the volumes exist, and none after."""
     from medlsdm.evaluation.report import build_report
-    from medlsdm.web.viewer import case_rows, viewer_block
+    from medlsdm.evaluation.viewer import case_rows, viewer_block
 
     real, synthetic = write_cohorts(tmp_path / "data", 2, 0)
     syn = tmp_path / "syn"

@@ -102,7 +102,7 @@ def _run_demo(out: Path, train, budget_minutes, n_subjects, n_test, shape, spaci
     from medlsdm.evaluation.report import build_report
     from medlsdm.evaluation.segmentation import evaluate_segmentation
     from medlsdm.inference import sample_to_files
-    from medlsdm.web.viewer import record_samples
+    from medlsdm.evaluation.viewer import record_samples
 
     n = 7
     cohort = out / "cohort"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence, Union
 
 from medlsdm.errors import MedlsdmError
 from medlsdm.files import atomic_output, ensure_writable_dir, read_json
-from medlsdm.web.viewer import report_viewer
+from medlsdm.evaluation.viewer import report_viewer
 
 __all__ = ["Text", "Table", "Figure", "Html", "Section", "SECTION_FILES", "fmt", "write_report",
            "build_report", "quality_section", "segmentation_section", "privacy_section",
