@@ -7,8 +7,10 @@ BIN    := $(VENV)/bin
 # CPU build; on a GPU machine pip picks the CUDA build (see README, "GPU set-up").
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test env browser clean-env
+.PHONY: demo test env browser lock clean-env
 
+# The package with what it imports (requirements.lock); the demo and test extras on top, each
+# pinned in its own lock file (tools/update_locks.py writes all three: `make lock`).
 $(BIN)/medlsdm: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=68" wheel
@@ -17,10 +19,21 @@ $(BIN)/medlsdm: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(BIN)/medlsdm
 
+$(VENV)/.demo-extra: $(BIN)/medlsdm requirements-demo.lock
+	$(BIN)/python -m pip install --quiet -r requirements.lock -r requirements-demo.lock
+	touch $@
+
+$(VENV)/.test-extra: $(VENV)/.demo-extra requirements-test.lock
+	$(BIN)/python -m pip install --quiet -r requirements.lock -r requirements-demo.lock -r requirements-test.lock
+	touch $@
+
 env: $(BIN)/medlsdm
 
-demo: env
+demo: $(VENV)/.demo-extra
 	$(BIN)/medlsdm demo --out demo_output
+
+lock:
+	$(PYTHON) tools/update_locks.py
 
 # Chromium for the browser tests (tests/test_browser.py) comes from the system packages: installed
 # here when missing and this runs as root with apt-get; otherwise those tests skip, saying why.
@@ -32,7 +45,7 @@ browser:
 	    || echo "chromium could not be installed: the browser tests will be skipped"; \
 	else echo "chromium not found (installing it needs root and apt-get): the browser tests will be skipped"; fi
 
-test: env browser
+test: $(VENV)/.test-extra browser
 	$(BIN)/python -m pytest -q tests
 
 clean-env:

@@ -2,8 +2,10 @@
 may import which (imports inside functions count too), and that inference runs without Lightning."""
 
 import ast
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "medlsdm"
@@ -85,3 +87,21 @@ def test_inference_imports_no_lightning_and_no_training_code():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "SimpleITK": "simpleitk"}
+USED_INDIRECTLY = {"tensorboard"}   # Lightning's TensorBoard logger needs it; nothing imports it by name
+
+
+def test_runtime_dependencies_are_what_the_package_imports():
+    imported = set()
+    for path in SRC.rglob("*.py"):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top != "medlsdm" and top not in sys.stdlib_module_names:
+                imported.add(DISTRIBUTIONS.get(top, top).lower())
+    project = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0].lower() for r in project["dependencies"]}
+    assert imported <= declared, f"imported but not declared: {sorted(imported - declared)}"
+    assert declared - USED_INDIRECTLY <= imported, f"declared but never imported: {sorted(declared - imported - USED_INDIRECTLY)}"
