@@ -293,3 +293,18 @@ def test_bad_spec_and_mismatched_grids_are_errors():
     moved = Volume(label.array, AFFINES["lps_aniso"], path="other_seg.nii.gz")
     with pytest.raises(DataError, match="other_seg.nii.gz"):
         preprocess_case(image, moved, {})
+
+
+def test_records_read_from_files_are_checked_before_inversion():
+    """A record missing a key or with a malformed affine is a one-line DataError naming the key."""
+    from medlsdm.data.preprocess import check_record, grid_record, invert_image
+
+    record = grid_record((4, 5, 6), (2.0, 1.0, 1.5))
+    assert check_record(record, "x") is record
+    volume = invert_image(np.zeros((4, 5, 6), np.float32), record, intensity={"channels": [{"lo": 0, "hi": 1}]})
+    assert volume.array.shape == (6, 5, 4) and np.allclose(volume.spacing, (1.5, 1.0, 2.0))
+    broken = {k: v for k, v in record.items() if k != "crop_start"}
+    with pytest.raises(DataError, match="'crop_start'"):
+        invert_image(np.zeros((4, 5, 6), np.float32), broken, intensity={"channels": [{"lo": 0, "hi": 1}]})
+    with pytest.raises(DataError, match="'affine' must be a 4x4"):
+        check_record({**record, "affine": [[1, 0], [0, 1]]}, "x")

@@ -14,7 +14,7 @@ in model layout -> transpose -> `from_canonical`; without resampling it is exact
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypedDict
 
 import numpy as np
 
@@ -87,6 +87,67 @@ def resolve_spec(spec: Mapping | None) -> dict:
             raise ConfigError(f"preprocessing label_mapping: keys and values must be integers, "
                               f"got {out['label_mapping']!r}") from None
     return out
+
+
+# ---------------------------------------------------------------------------------- record
+
+
+class OriginalGrid(TypedDict, total=False):
+    """The file a case came from: its grid and (for prepare) where it was."""
+
+    shape: list[int]                # spatial shape (X, Y, Z) of the file
+    affine: list[list[float]]       # 4x4 voxel -> world RAS mm
+    path: str | None                # label file (relative in manifests)
+    image_path: str | None
+
+
+class CaseRecord(TypedDict, total=False):
+    """What inverting a prepared case needs (JSON-serialisable; stored per case in manifest.json
+    and built for every label map at sampling). `check_record` validates one read from a file."""
+
+    original: OriginalGrid
+    ornt: list[list[float]]         # nibabel orientation of the file's axes to canonical RAS
+    canonical_shape: list[int]      # (D, H, W) of the reoriented original, in model layout
+    canonical_affine: list[list[float]]
+    resampled: bool                 # False: crop/pad only (exactly invertible)
+    resampled_shape: list[int]      # (D, H, W) of the grid at the target spacing, before the window
+    crop_start: list[int]           # window start on that grid (negative: padded)
+    foreground_clipped: bool        # the window cut labelled voxels
+    shape: list[int]                # (D, H, W) of the prepared arrays
+    affine: list[list[float]]       # prepared (d, h, w) -> world RAS mm
+    normalisation: dict | None      # per-channel {"lo", "hi", "min"} and modality; None for label maps
+    label_mapping: dict[str, int] | None   # raw value -> prepared class
+    channel_names: list[str] | None
+    source: dict                    # prepare: the case's files, relative to the dataset root
+
+
+REQUIRED_RECORD_KEYS = {"ornt": list, "canonical_shape": list, "canonical_affine": list, "resampled": bool,
+                        "crop_start": list, "shape": list, "affine": list}
+
+
+def check_record(record: Mapping, where: str) -> CaseRecord:
+    """A record read from a file, checked for what inversion needs; a DataError names the key."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: a case record must be a JSON object, got {type(record).__name__}")
+    for key, kind in REQUIRED_RECORD_KEYS.items():
+        if key not in record:
+            raise DataError(f"{where}: case record has no '{key}'")
+        if not isinstance(record[key], kind):
+            raise DataError(f"{where}: case record '{key}' must be a {kind.__name__}, got {record[key]!r:.60}")
+    for key in ("affine", "canonical_affine"):
+        if np.asarray(record[key], dtype=float).shape != (4, 4):
+            raise DataError(f"{where}: case record '{key}' must be a 4x4 matrix")
+    return record  # type: ignore[return-value]
+
+
+def grid_record(shape: Sequence[int], spacing: Sequence[float]) -> CaseRecord:
+    """The record of a volume generated with no label map: the prepared grid itself at `spacing`
+    (D, H, W) mm, axes (D, H, W) = (S, A, R), written back as canonical RAS (X, Y, Z)."""
+    canonical = np.diag([float(spacing[2]), float(spacing[1]), float(spacing[0]), 1.0])   # (X, Y, Z) = (W, H, D)
+    affine = (canonical @ MODEL_FROM_VOXEL).tolist()
+    shape = [int(s) for s in shape]
+    return {"shape": shape, "canonical_shape": shape, "canonical_affine": affine, "affine": affine,
+            "resampled": False, "crop_start": [0, 0, 0], "ornt": [[0, 1], [1, 1], [2, 1]], "normalisation": None}
 
 
 # --------------------------------------------------------------------------------- geometry
@@ -214,7 +275,7 @@ def _plan_geometry(label_model: np.ndarray, model_affine: np.ndarray, spec: dict
     }
 
 
-def _geometry_record(label: Volume, spec: dict, grid: SamplingGrid | None = None) -> tuple[dict, np.ndarray]:
+def _geometry_record(label: Volume, spec: dict, grid: SamplingGrid | None = None) -> tuple[CaseRecord, np.ndarray]:
     """Reorient/resample/crop the label map; returns the geometry record and the prepared map."""
     label_model, model_affine, ornt = to_model_layout(np.asarray(label.array), label.affine)
     plan = _plan_geometry(label_model, model_affine, spec, str(label.path), grid)
@@ -310,7 +371,7 @@ def intensity_summary(records: Sequence[Mapping]) -> dict:
 
 
 def preprocess_case(image: Volume, label: Volume, spec: Mapping, table: LabelTable | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, dict]:
+                    ) -> tuple[np.ndarray, np.ndarray, CaseRecord]:
     """-> image float32 (C, D, H, W) in [-1, 1], label uint8 (D, H, W), JSON-serialisable record."""
     spec = resolve_spec(spec)
     check_same_grid(image, label, what="image and label map")
@@ -334,7 +395,7 @@ def preprocess_case(image: Volume, label: Volume, spec: Mapping, table: LabelTab
 
 
 def preprocess_label_map(label: Volume, spec: Mapping, table: LabelTable | None = None,
-                         grid: SamplingGrid | None = None) -> tuple[np.ndarray, dict]:
+                         grid: SamplingGrid | None = None) -> tuple[np.ndarray, CaseRecord]:
     """Label map alone (sampling): the same geometry; the record has no normalisation.
 
     Label maps given at sampling time may already hold prepared values, so `label_mapping` is
@@ -366,6 +427,7 @@ def resampled_affine(record: Mapping) -> np.ndarray:
 
 def _to_original_grid(array: np.ndarray, record: Mapping, order: int, fill) -> tuple[np.ndarray, np.ndarray]:
     """(C, D, H, W) on the prepared grid -> (C, X, Y, Z) on the original grid, and its affine."""
+    check_record(record, "cannot map the volume back to its original grid")
     canonical_shape = record["canonical_shape"]
     canonical_affine = np.asarray(record["canonical_affine"], dtype=np.float64)
     if list(array.shape[-3:]) != list(record["shape"]):

@@ -33,17 +33,11 @@ def seed_for(seed: int, stem: str, start: int) -> int:
 
 
 def unconditional_record(model: SynthesisModel, image_shape: Sequence[int]) -> dict:
-    """A record for `invert_image` of a sample with no label map: the prepared grid itself, at
-    the training voxel size (else 1 mm), axes (D, H, W) = (S, A, R) written back as canonical
-    RAS (X, Y, Z)."""
-    from medlsdm.data.preprocess import MODEL_FROM_VOXEL
+    """The record of a sample with no label map: the prepared grid at the training voxel size
+    (else 1 mm)."""
+    from medlsdm.data.preprocess import grid_record
 
-    spacing = list(model.card.spacing or (1.0, 1.0, 1.0))
-    canonical = np.diag([spacing[2], spacing[1], spacing[0], 1.0])   # (X, Y, Z) = (W, H, D)
-    affine = canonical @ MODEL_FROM_VOXEL
-    shape = [int(s) for s in image_shape]
-    return {"shape": shape, "canonical_shape": shape, "canonical_affine": affine.tolist(), "affine": affine.tolist(),
-            "resampled": False, "crop_start": [0, 0, 0], "ornt": [[0, 1], [1, 1], [2, 1]], "normalisation": None}
+    return grid_record(image_shape, model.card.spacing or (1.0, 1.0, 1.0))
 
 
 def write_sample(path: Path, array: np.ndarray, record: dict, intensity: dict | None, provenance: dict) -> None:
