@@ -37,12 +37,26 @@ FORBIDDEN_THIRD_PARTY = {"inference": {"lightning", "pytorch_lightning"}, "data"
                          "evaluation": {"lightning", "pytorch_lightning"}}
 
 
-def _imports(path: Path):
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+def _names(text: str, package: list[str]):
+    """Absolute module names imported by source `text` of a module in `package` (e.g.
+    ["medlsdm", "inference"]): ``from medlsdm import training`` counts as ``medlsdm.training``,
+    relative imports are resolved against `package`."""
+    for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Import):
             yield from (a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if module == "medlsdm":   # a submodule, or a name of medlsdm/__init__.py (__version__)
+                yield from (f"medlsdm.{a.name}" if (SRC / a.name).is_dir() or (SRC / f"{a.name}.py").is_file()
+                            else "medlsdm" for a in node.names)
+            elif module:
+                yield module
+
+
+def _imports(path: Path):
+    package = ["medlsdm", *path.parent.relative_to(SRC).parts] if path.is_relative_to(SRC) else ["medlsdm"]
+    return _names(path.read_text(encoding="utf-8"), package)
 
 
 def _package(path: Path) -> str:
@@ -74,9 +88,11 @@ def test_every_package_follows_the_dependency_rule():
 def test_the_rule_check_catches_a_breach(tmp_path):
     """The checker itself: an inference module importing training code is reported."""
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from medlsdm.training.runner import fit\n", encoding="utf-8")
-    names = list(_imports(bad))
-    assert names == ["medlsdm.training.runner"]
+    bad.write_text("def f():\n    from medlsdm.training.runner import fit\n    from medlsdm import evaluation\n",
+                   encoding="utf-8")
+    assert list(_imports(bad)) == ["medlsdm.training.runner", "medlsdm.evaluation"]
+    assert list(_names("from .synthesis import decode\n", ["medlsdm", "inference"])) == ["medlsdm.inference.synthesis"]
+    assert list(_names("from .. import training\n", ["medlsdm", "inference"])) == ["medlsdm.training"]
     assert "training" not in ALLOWED["inference"]
 
 

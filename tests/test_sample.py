@@ -234,3 +234,26 @@ def test_sample_owns_its_output_folder(runs, tmp_path, capsys):
     assert sample(runs["semantic"], out, labels=labels) == 0             # its own folder again
     assert sample(runs["semantic"], foreign, "--overwrite", labels=labels) == 0
     assert (foreign / "notes.txt").read_text(encoding="utf-8") == "mine" and (foreign / "a_sample0.nii.gz").is_file()
+
+
+def test_large_maps_grow_the_window_or_tile_or_crop(runs, tmp_path):
+    """A map whose foreground is larger than the 16^3 training window (at 2 mm): the default grows
+    the window, --tile samples it in blended tiles of the training window, --crop cuts (and says
+    so); every output lands on the map's own grid with its whole foreground generated."""
+    label = write_label_map(tmp_path / "big.nii.gz", shape=(40, 24, 30))   # ~60 mm across: 30 voxels at 2 mm
+    reference = nib.load(str(label))
+    fg = np.asarray(reference.dataobj) > 0
+    reports = {}
+    for name, extra in (("grow", []), ("tile", ["--tile"]), ("crop", ["--crop"])):
+        out = tmp_path / name
+        assert sample(runs["semantic"], out, "--guidance", "2", *extra, labels=label) == 0
+        entry = json.loads((out / "sampling_report.json").read_text(encoding="utf-8"))["label_maps"][0]
+        reports[name] = entry
+        array, affine = load(out / "big_sample0.nii.gz")
+        assert array.shape == reference.shape and np.allclose(affine, reference.affine, atol=1e-5)
+        inside = np.isclose(array[fg], array.min()).mean()
+        if name != "crop":
+            assert inside < 0.05, f"{name}: foreground left at the fill value"
+    assert reports["grow"]["grid"] == reports["tile"]["grid"] and max(reports["grow"]["grid"]) > 16
+    assert any("larger than the training window" in n for n in reports["tile"]["notes"])
+    assert reports["crop"]["grid"] == [16, 16, 16] and any("--crop" in w for w in reports["crop"]["warnings"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medlsdm.data.labels import LabelTable
-from medlsdm.data.preprocess import prepared_affine
+from medlsdm.data.preprocess import MODEL_FROM_VOXEL, prepared_affine
 from medlsdm.data.statistics import class_statistics, label_statistics, scheme_warnings, training_geometry
 from medlsdm.errors import ConfigError, DataError, MedlsdmError
 from medlsdm.inference.labelmaps import label_sources, parse_label_map, prepare_label_map
@@ -45,10 +45,15 @@ def _stats():
     return class_statistics([label, label], [(3.0, 3.0, 3.0)] * 2, 4)
 
 
+# A prepared case's affine maps model-layout (d, h, w) to world: axis-aligned RAS data has these
+# direction cosines (D = S, H = A, W = R).
+PREPARED_3MM = np.diag([3.0, 3.0, 3.0, 1.0]) @ MODEL_FROM_VOXEL
+
+
 def _model(**sidecar):
     card = {"kind": "diffusion", "space": "pixel", "label_table": TABLE, "channels": ["t1"],
             "prepare_spec": {"spacing": None, "shape": [16, 16, 16], "shape_mode": "crop_pad"},
-            "training_geometry": training_geometry([np.diag([3.0, 3.0, 3.0, 1.0])], [(16, 16, 16)]),
+            "training_geometry": training_geometry([PREPARED_3MM], [(16, 16, 16)]),
             "class_statistics": _stats(), **sidecar}
     return SynthesisModel(denoiser=_Denoiser(), schedule=None, sidecar=card, table=LabelTable.from_mapping(TABLE))
 
@@ -68,7 +73,8 @@ def test_a_1mm_map_is_resampled_to_the_training_voxel_size_and_keeps_all_its_for
     job = prepare_label_map(_model(), _save(tmp_path / "case.nii.gz", label, affine))
     spacing = np.linalg.norm(prepared_affine(job.record)[:3, :3], axis=0)
     assert spacing == pytest.approx([3.0, 3.0, 3.0])
-    assert job.label.shape == (16, 18, 16)      # H: a 54 mm brain is 18 voxels > 16: grown (to a multiple of 2)
+    assert job.label.shape == (16, 18, 16)      # H (A-P): a 54 mm brain is 18 voxels > 16: grown (to a multiple of 2)
+    assert np.allclose(prepared_affine(job.record)[:3, :3], PREPARED_3MM[:3, :3])   # D = S, H = A, W = R
     assert not job.record["foreground_clipped"]
     # the whole foreground is there: its volume in mm^3 within 10 % of the 1 mm map's
     assert (job.label > 0).sum() * 27 == pytest.approx((label > 0).sum(), rel=0.1)
@@ -214,6 +220,14 @@ class _Conv(torch.nn.Module):
         return self.conv(torch.cat([x, cond[:, :2, ::2, ::2, ::2]], 1))
 
 
+def test_one_voxel_tiles_and_volumes_smaller_than_a_tile():
+    x, cond, t = torch.randn(2, 1, 5, 3, 2), torch.rand(2, 2, 10, 6, 4), torch.zeros(2)
+    pointwise = _Conv(1)
+    tiled = TiledDenoiser(pointwise, (1, 8, 8), (2, 2, 2))
+    assert len(tiled.windows(x.shape[2:])) == 5
+    assert torch.allclose(tiled(x, t, cond), pointwise(x, t, cond), atol=1e-5)
+
+
 def test_tiled_denoiser_blends_without_seams():
     torch.manual_seed(0)
     x = torch.randn(1, 1, 12, 20, 28)
@@ -242,3 +256,78 @@ def test_tiled_denoiser_blends_without_seams():
     # and there a blend of valid predictions, no jump: neighbour differences like the untiled ones
     for axis in (2, 3, 4):
         assert out.diff(dim=axis).abs().max() <= full.diff(dim=axis).abs().max() * 1.25
+
+
+def test_maps_land_on_oblique_training_axes(tmp_path):
+    """Training cases that shared an oblique orientation: an axis-aligned map is resampled onto
+    those axes (a non-symmetric rotation, so a transposed direction matrix would show)."""
+    rotation = np.array([[np.cos(0.4), -np.sin(0.4), 0], [np.sin(0.4), np.cos(0.4), 0], [0, 0, 1]])
+    rotation = rotation @ np.array([[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]])
+    trained = np.eye(4)
+    trained[:3, :3] = rotation @ PREPARED_3MM[:3, :3]
+    model = _model(training_geometry=training_geometry([trained], [(16, 16, 16)]))
+    label, affine = _brain((40, 44, 36), (1.0, 1.0, 1.0))
+    job = prepare_label_map(model, _save(tmp_path / "a.nii.gz", label, affine))
+    out = prepared_affine(job.record)
+    assert np.allclose(out[:3, :3], trained[:3, :3], atol=1e-6)
+    assert np.allclose(_world_centroid(job.label, out), _world_centroid(label, affine), atol=1.5)
+
+
+def _brats_model_with_stats(tmp_path):
+    """The BraTS stand-in with the class statistics of its prepared training maps (made from a
+    case like the test's: tumour classes inside a large brain class)."""
+    model = _brats_model()
+    seg, _ = _brats_case(tmp_path / "train" / "BraTS2021_00001", "BraTS2021_00001")
+    job = prepare_label_map(model, seg)
+    spacing = np.linalg.norm(prepared_affine(job.record)[:3, :3], axis=0)
+    model.sidecar["class_statistics"] = class_statistics([job.label], [spacing], 5)
+    return model, job.label, job.record
+
+
+def test_values_that_read_both_ways_are_read_the_way_closer_to_the_training_maps(tmp_path):
+    model, prepared, record = _brats_model_with_stats(tmp_path)
+    # a raw BraTS seg (0, 1, 2, 4) beside its images: the dataset's own values, brain added
+    seg, _ = _brats_case(tmp_path / "BraTS2021_00002", "BraTS2021_00002")
+    job = prepare_label_map(model, seg)
+    assert set(np.unique(job.label).tolist()) == {0, 1, 2, 3, 4}
+    assert any("read as the training dataset's own values" in n for n in job.notes)
+    # the same case as a map in the model's classes (0..4, 4 = brain), alone in a folder: model classes
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    path = _save(mine / "prepared_map.nii.gz", prepared.astype(np.uint8), prepared_affine(record))
+    job = prepare_label_map(model, path)
+    assert np.array_equal(np.unique(job.label), [0, 1, 2, 3, 4])
+    assert (job.label == 4).sum() > (job.label == 3).sum() * 5          # the brain stayed the brain
+    assert any("could not be prepared" in w for w in job.warnings)
+    # without training statistics the two readings cannot be told apart: the dataset's own values
+    # where they can be prepared (with a warning that says how to choose), else an error saying it
+    with pytest.raises(DataError, match="--label-map 1=1,2=2,3=3,4=4 says they are model classes"):
+        prepare_label_map(_brats_model(), path)
+    job = prepare_label_map(_brats_model(), seg)
+    assert any("could also be" in w and "--label-map 1=1,2=2,4=4" in w for w in job.warnings)
+    assert set(np.unique(job.label).tolist()) == {0, 1, 2, 3, 4}
+    job = prepare_label_map(_brats_model(), path, value_map=parse_label_map("4=4"))
+    assert (job.label == 4).sum() > (job.label == 3).sum() * 5
+
+
+def test_brain_label_without_a_mapping_and_in_older_sidecars(tmp_path):
+    seg, _ = _brats_case(tmp_path / "BraTS2021_00003", "BraTS2021_00003", seg_values=(0, 1, 2, 3))
+    # BraTS 2023 values (0..3) prepared with a brain label and no mapping: the brain is class 4
+    table = {"0": "background", "1": "a", "2": "b", "3": "c", "4": "brain"}
+    model = _brats_model()
+    model.sidecar["label_scheme"] = {"source_table": table, "mapping": None, "brain_label": 4}
+    model.sidecar["prepare_spec"]["label_mapping"] = None
+    assert set(np.unique(prepare_label_map(model, seg).label).tolist()) == {0, 1, 2, 3, 4}
+    # a run from before the label scheme was recorded: the brain is the raw value mapped to "brain"
+    old = _brats_model()
+    del old.sidecar["label_scheme"]
+    assert old.card.scheme.brain_label == 5
+    seg21, _ = _brats_case(tmp_path / "BraTS2021_00004", "BraTS2021_00004")
+    assert set(np.unique(prepare_label_map(old, seg21).label).tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_a_stray_label_far_from_the_rest_grows_the_window_with_a_warning(tmp_path):
+    label, affine = _brain((90, 90, 90), (1.0, 1.0, 1.0))
+    label[2:6, 2:6, 2:6] = 1   # a few voxels in a far corner
+    job = prepare_label_map(_model(), _save(tmp_path / "stray.nii.gz", label, affine))
+    assert any("training window's voxels" in w and "--crop" in w for w in job.warnings)

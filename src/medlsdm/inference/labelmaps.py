@@ -31,6 +31,8 @@ from medlsdm.inference.model import SynthesisModel
 
 log = logging.getLogger(__name__)
 
+WINDOW_GROWTH_WARNING = 2.0   # warn when covering the foreground needs more than this many training windows
+
 
 @dataclass
 class LabelMapJob:
@@ -105,29 +107,37 @@ def _case_images(path: Path, cache: dict) -> list[Path] | None:
     return None
 
 
-def _to_model_classes(model: SynthesisModel, volume: Volume, value_map: dict[int, int] | None,
-                      images: Sequence[Path] | None, notes: list[str]) -> dict[int, int] | None:
-    """Map `volume`'s values onto the model's classes in place; returns the mapping applied
-    (raw -> class), for writing edited maps back in the file's own values."""
-    source = str(volume.path)
-    scheme = model.card.scheme
-    values = set(np.unique(volume.array).tolist())
-    known = set(model.table.values)
+def _readings(model: SynthesisModel, values: set[int], value_map: dict[int, int] | None) -> list[str]:
+    """How the values of a label map can be read: ``user`` (--label-map), ``raw`` (the training
+    dataset's own values, prepared as prepare did) and/or ``model`` (already the model's classes).
+    Both ``raw`` and ``model`` when the values fit either and the raw reading changes them (a
+    BraTS 2021 seg 0,1,2,4 and a prepared map 0..4 with its brain class look alike)."""
     if value_map is not None:
-        full = {v: value_map.get(v, v) for v in values}
-        volume.array = remap(volume.array, full, source=source)
-        notes.append("values mapped with --label-map " + ", ".join(f"{k}->{v}" for k, v in sorted(full.items()) if k != v))
-        applied = full
-    elif scheme.mapping and values <= set(scheme.mapping) and (
-            any(scheme.mapping[v] != v for v in values)
-            or (scheme.brain_label is not None and scheme.mapping[scheme.brain_label] not in values)):
-        # Raw values of the training dataset (BraTS 2021 0,1,2,4; BraTS 2023 0..3 without the brain
-        # class): prepared as prepare did. A map already in model classes that would also read as
-        # raw values is taken as raw; `--label-map v=v` says otherwise.
+        return ["user"]
+    scheme = model.card.scheme
+    raw = bool(scheme.mapping) and values <= set(scheme.mapping) and (
+        any(scheme.mapping[v] != v for v in values)
+        or (scheme.brain_label is not None and scheme.mapping[scheme.brain_label] not in values))
+    model_classes = values <= set(model.table.values)
+    return (["raw"] if raw else []) + (["model"] if model_classes or not raw else [])
+
+
+def _to_model_classes(model: SynthesisModel, volume: Volume, reading: str, value_map: dict[int, int] | None,
+                      images: Sequence[Path] | None, notes: list[str]) -> dict[int, int] | None:
+    """Map `volume`'s values onto the model's classes in place, as `reading` says (see
+    `_readings`); returns the mapping applied (raw -> class), for writing edited maps back in the
+    file's own values."""
+    source = str(volume.path)
+    values = set(np.unique(volume.array).tolist())
+    applied = None
+    if reading == "user":
+        applied = {v: value_map.get(v, v) for v in values}
+        volume.array = remap(volume.array, applied, source=source)
+        notes.append("values mapped with --label-map " +
+                     ", ".join(f"{k}->{v}" for k, v in sorted(applied.items()) if k != v))
+    elif reading == "raw":
         applied = _raw_mapping(model, volume, values, images, notes)
-    else:
-        applied = None
-    unknown = sorted(set(np.unique(volume.array).tolist()) - known)
+    unknown = sorted(set(np.unique(volume.array).tolist()) - set(model.table.values))
     if unknown:
         raise DataError(f"{source}: label values {unknown} are not classes of this model "
                         f"({model.table.to_json()}); map them with --label-map old=new,...")
@@ -141,21 +151,23 @@ def _raw_mapping(model: SynthesisModel, volume: Volume, values: set[int], images
 
     scheme = model.card.scheme
     mapping = dict(scheme.mapping)
+    present = set(values)
     if scheme.brain_label is not None and scheme.brain_label not in values:
         if not images:
             brain = mapping[scheme.brain_label]
-            raise DataError(f"{volume.path}: this model was trained with a '{model.table.names.get(brain)}' class "
-                            f"(value {brain}) made from the case's images, which were not found next to the "
-                            "label map; give the case folder or dataset root as --labels, or a map that already "
-                            "has that class")
+            raise DataError(f"{volume.path}: read as the training dataset's own values, this map lacks the "
+                            f"'{model.table.names.get(brain)}' class (value {brain}) that preparation made from "
+                            "the case's images, which were not found next to it; give the case folder or dataset "
+                            "root as --labels, or say what the values are with --label-map")
         image = read_image(images)
         check_same_grid(image, volume, what="case images and label map")
         add_brain_label(image, volume, scheme.brain_label)
+        present.add(scheme.brain_label)
         notes.append(f"'brain' class added from the images ({', '.join(Path(p).name for p in images)}), "
                      "as at preparation")
     volume.array = remap(volume.array, mapping, source=str(volume.path))
-    notes.append("values mapped as at preparation " +
-                 ", ".join(f"{k}->{v}" for k, v in sorted(mapping.items()) if k in values and k != v))
+    changed = ", ".join(f"{k}->{v}" for k, v in sorted(mapping.items()) if k in present and k != v)
+    notes.append("values mapped as at preparation" + (f" {changed}" if changed else ""))
     return mapping
 
 
@@ -193,6 +205,11 @@ def _geometry_notes(volume: Volume, record: dict, grid: SamplingGrid | None, cro
     if grid is not None and shape != tuple(grid.shape):
         notes.append(f"generated on a {'x'.join(map(str, shape))} grid, larger than the training window "
                      f"{'x'.join(map(str, grid.shape))}, to cover the whole labelled foreground")
+        growth = float(np.prod(shape) / np.prod(grid.shape))
+        if growth > WINDOW_GROWTH_WARNING:
+            warnings.append(f"the labelled foreground needs {growth:.1f}x the training window's voxels (time and "
+                            "memory grow with it; a stray label far from the rest?); --crop keeps the training "
+                            "window, --tile samples in tiles of it")
     if record.get("foreground_clipped"):
         what = "--crop: " if crop else ""
         warnings.append(f"{what}the labelled foreground is larger than the {'x'.join(map(str, shape))} window "
@@ -206,13 +223,55 @@ def _geometry_notes(volume: Volume, record: dict, grid: SamplingGrid | None, cro
 def prepare_label_map(model: SynthesisModel, path: str | Path, case_id: str | None = None,
                       value_map: dict[int, int] | None = None, images: Sequence[Path] | None = None,
                       crop: bool = False, image_cache: dict | None = None) -> LabelMapJob:
-    """One label map file -> a `LabelMapJob` for `model` (see the module docstring)."""
+    """One label map file -> a `LabelMapJob` for `model` (see the module docstring). Values that
+    read both as the dataset's raw values and as model classes are read the way whose prepared
+    map is closer to the training maps' statistics (refused without statistics)."""
     path = Path(path)
     volume = read_label_map(path)
-    notes: list[str] = []
-    if images is None and model.card.scheme.brain_label is not None:
+    values = set(np.unique(volume.array).tolist())
+    readings = _readings(model, values, value_map)
+    if "raw" in readings and images is None and model.card.scheme.brain_label is not None:
         images = _case_images(path, image_cache if image_cache is not None else {})
-    applied = _to_model_classes(model, volume, value_map, images, notes)
+    if len(readings) == 1:
+        return _job(model, volume, readings[0], path, case_id, value_map, images, crop)
+    what = {"raw": "the training dataset's own values", "model": "the model's classes"}
+    hint = f"--label-map {','.join(f'{v}={v}' for v in sorted(values) if v)} says they are model classes"
+    jobs, failed = {}, {}
+    for reading in readings:
+        copy = Volume(array=volume.array.copy(), affine=volume.affine, path=volume.path)
+        try:
+            jobs[reading] = _job(model, copy, reading, path, case_id, value_map, images, crop)
+        except DataError as exc:
+            failed[reading] = exc
+    if not jobs:
+        raise failed[readings[0]]
+    other_of = {"raw": "model", "model": "raw"}
+    if not model.card.class_statistics:
+        # Nothing to compare with (a run from before statistics were recorded): the dataset's own
+        # values, as the files of the training dataset would hold them, said as a warning.
+        if "raw" in failed:
+            raise DataError(f"{failed['raw']} ({hint})")
+        chosen = "raw"
+        jobs[chosen].warnings.insert(0, f"values {sorted(values)} read as {what[chosen]}; they could also be "
+                                        f"{what[other_of[chosen]]} and the model records no statistics to tell "
+                                        f"({hint})")
+        return jobs[chosen]
+    chosen = min(jobs, key=lambda r: len(jobs[r].warnings))   # ties: raw, listed first
+    other = other_of[chosen]
+    if other in failed:
+        jobs[chosen].warnings.insert(0, f"values {sorted(values)} read as {what[chosen]}; as {what[other]} they "
+                                        f"could not be prepared ({failed[other]})")
+    else:
+        jobs[chosen].notes.insert(0, f"values {sorted(values)} read as {what[chosen]}: {len(jobs[chosen].warnings)} "
+                                     f"differences from the training maps against {len(jobs[other].warnings)} as "
+                                     f"{what[other]} ({hint})")
+    return jobs[chosen]
+
+
+def _job(model: SynthesisModel, volume: Volume, reading: str, path: Path, case_id: str | None,
+         value_map: dict[int, int] | None, images: Sequence[Path] | None, crop: bool) -> LabelMapJob:
+    notes: list[str] = []
+    applied = _to_model_classes(model, volume, reading, value_map, images, notes)
     grid = sampling_grid(model, crop)
     spec = {**model.prepare_spec, "label_mapping": None}
     label, record = preprocess_label_map(volume, spec, grid=grid)

@@ -26,13 +26,27 @@ class LabelScheme:
 
     @classmethod
     def from_sidecar(cls, sidecar: Mapping) -> "LabelScheme":
-        scheme = sidecar.get("label_scheme") or {}
+        scheme = sidecar.get("label_scheme")
         spec_mapping = (sidecar.get("prepare_spec") or {}).get("label_mapping")
+        if scheme is None:
+            return cls._from_older_sidecar(sidecar, spec_mapping)
+        table = LabelTable.from_mapping(scheme["source_table"]) if scheme.get("source_table") else None
         mapping = scheme.get("mapping", spec_mapping)
-        table = scheme.get("source_table")
-        return cls(source_table=LabelTable.from_mapping(table) if table else None,
-                   mapping={int(k): int(v) for k, v in mapping.items()} if mapping else None,
-                   brain_label=None if scheme.get("brain_label") is None else int(scheme["brain_label"]))
+        mapping = {int(k): int(v) for k, v in mapping.items()} if mapping else None
+        brain = None if scheme.get("brain_label") is None else int(scheme["brain_label"])
+        if mapping is None and brain is not None and table is not None:
+            mapping = {v: v for v in table.values}   # a brain label added to a table kept as it was
+        return cls(source_table=table, mapping=mapping, brain_label=brain)
+
+    @classmethod
+    def _from_older_sidecar(cls, sidecar: Mapping, spec_mapping: Mapping | None) -> "LabelScheme":
+        """Runs from before the label scheme was recorded: the spec's mapping, and as the brain
+        label the one raw value mapped to a class named "brain" (prepare's add_brain_label)."""
+        mapping = {int(k): int(v) for k, v in spec_mapping.items()} if spec_mapping else None
+        names = LabelTable.from_mapping(sidecar["label_table"]).names
+        brain_classes = [v for v, name in names.items() if name == "brain"]
+        raw = [k for k, v in (mapping or {}).items() if brain_classes and v == brain_classes[0]]
+        return cls(mapping=mapping, brain_label=raw[0] if len(raw) == 1 else None)
 
 
 @dataclass(frozen=True)

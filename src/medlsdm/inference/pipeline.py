@@ -126,8 +126,9 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
             raise MedlsdmError("this model is conditioned on label maps: give --labels FILE_OR_DIR")
         jobs = label_jobs(model, labels, layout=layout, value_map=value_map, crop=crop)
     else:
-        if labels is not None:
-            raise MedlsdmError("this model is unconditional: give --n without --labels")
+        if labels is not None or label_map is not None or crop or tile:
+            raise MedlsdmError("this model is unconditional: give --n without --labels (--label-map, --crop and "
+                               "--tile apply to label maps)")
         shape = model.card.shape
         if shape is None:
             raise MedlsdmError("the model's sidecar gives no image shape for unconditional sampling")

@@ -74,7 +74,8 @@ class TiledDenoiser(torch.nn.Module):
         self.denoiser = denoiser
         self.tile = tuple(int(t) for t in tile)
         self.factor = tuple(int(f) for f in factor)
-        self.overlap = tuple(max(1, int(round(t * overlap))) for t in self.tile)
+        # at least one shared voxel where a tile has room for it (a 1-voxel tile shares none)
+        self.overlap = tuple(min(max(1, int(round(t * overlap))), t - 1) for t in self.tile)
         self.conditioning = getattr(denoiser, "conditioning", None)
 
     def windows(self, spatial: Sequence[int]) -> list[tuple[slice, ...]]:
@@ -101,10 +102,12 @@ class TiledDenoiser(torch.nn.Module):
 
 
 def _padded_condition(cond: torch.Tensor, spatial: Sequence[int], factor: Sequence[int]) -> torch.Tensor:
-    """The one-hot condition padded (background = all-zero, like the null condition's) at the far
-    end to `spatial` x `factor`, so every tile cuts a whole window."""
+    """The one-hot condition padded at the far end to `spatial` x `factor` (edge values repeated,
+    as the networks pad it for a whole grid), so every tile cuts a whole window."""
     extra = [s * f - c for s, f, c in zip(spatial, factor, cond.shape[2:])]
-    return torch.nn.functional.pad(cond, (0, extra[2], 0, extra[1], 0, extra[0])) if any(extra) else cond
+    if not any(extra):
+        return cond
+    return torch.nn.functional.pad(cond, (0, extra[2], 0, extra[1], 0, extra[0]), mode="replicate")
 
 
 @torch.no_grad()
