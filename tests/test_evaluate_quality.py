@@ -21,7 +21,7 @@ CHEAP = "ssim,ms_ssim,psnr,rmse,mae"
 def _no_weight_cache(tmp_path, monkeypatch):
     """An empty torch hub cache: no Inception/LPIPS weights unless a test provides them."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr("medlsdm.models.perceptual._lpips_package_heads", lambda net: None)
+    monkeypatch.setattr("medlsdm.pretrained._lpips_package_dir", lambda: None)
 
 
 @pytest.fixture
@@ -201,7 +201,9 @@ def test_fid2d_with_local_inception_file_and_cache(tmp_path, cohort, inception_f
     other = evaluate_quality(real, noisy, out, **kw)
     assert other["distribution"]["fid2d"]["mean"] > 1e-3
     assert len(set((out / "cache").glob("*.npz"))) == 9  # real features reused, not recomputed
-    assert "inception-fid:inception.pth" in other["distribution"]["fid2d"]["features"]
+    assert other["distribution"]["fid2d"]["features"].startswith("inception-fid:")
+    weights = other["distribution"]["fid2d"]["weights"]
+    assert weights["file"] == "inception.pth" and weights["verified"] is False  # random: not published
 
 
 def test_unpaired_synthetic_volumes_get_distributions_and_diversity(tmp_path, cohort):

@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "medlsdm.commands.train",
     "medlsdm.commands.sample",
     "medlsdm.commands.evaluate",
+    "medlsdm.commands.weights",
     "medlsdm.commands.export",
     "medlsdm.commands.demo",
 ]

@@ -445,10 +445,11 @@ def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_d
                 feats[side]["pooled"].append(dist.pooled_intensities(arr))
     out = {"n_real": len(real_files), "n_synthetic": len(syn_files)}
     if inc is not None:
-        out["fid2d"] = _fid_block(feats["real"]["slices"], feats["synthetic"]["slices"], inc.name)
+        out["fid2d"] = {**_fid_block(feats["real"]["slices"], feats["synthetic"]["slices"], inc.name),
+                        "weights": inc.provenance}
     if med is not None and "fid3d" in wanted:
         out["fid3d"] = {"value": M.fid_from_features(feats["real"]["medicalnet"], feats["synthetic"]["medicalnet"]),
-                        "features": med.name}
+                        "features": med.name, "weights": med.provenance}
     if "mmd" in wanted:
         key, what = ("medicalnet", med.name) if med is not None else \
             ("pooled", f"intensities average-pooled to {MMD_POOL}^3 per channel (no feature network)")
