@@ -71,10 +71,17 @@ def _segmentation_parser(kinds) -> None:
     p.add_argument("--synthetic-labels", help="label maps of synthetic training volumes (default: the "
                                               "training label maps with the same case ID)")
     p.add_argument("--out", required=True, help="output folder (segmentation.json, figures/, report)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-minutes", type=float, help="total training time, split among protocols (default 10)")
-    budget.add_argument("--epochs", type=int, help="epochs per protocol (reproducible, instead of a time budget)")
-    p.add_argument("--protocols", help="comma-separated subset of real,real+synthetic,synthetic (default all that can run)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="training steps per network (default 400; the same for every "
+                                                  "network, so results are reproducible and comparable)")
+    length.add_argument("--epochs", type=int, help="epochs per network instead (ceil(n_train / batch) steps each)")
+    length.add_argument("--budget-minutes", type=float, help="total wall-clock training time instead, split among "
+                                                             "networks (NOT reproducible: depends on the machine's load)")
+    p.add_argument("--protocols", help="comma-separated subset of real,real+synthetic,synthetic,augmentation "
+                                       "(default: the first three, those that can run)")
+    p.add_argument("--augmentation-sizes", default="2,4,8,all",
+                   help="numbers of real training cases for the augmentation study (default 2,4,8,all)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for the segmenter (fixed: results depend on it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="training patch and sliding-window size (multiples of 8; default: volume size, at most 96)")
@@ -125,18 +132,41 @@ def _run_segmentation(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.segmentation import evaluate_segmentation
 
     protocols = [p.strip() for p in args.protocols.split(",")] if args.protocols else None
+    sizes = [s.strip() for s in args.augmentation_sizes.split(",") if s.strip()]
+    config = {"threads": args.threads, "augmentation_sizes": [s if s == "all" else _int(s, "--augmentation-sizes")
+                                                              for s in sizes]}
     data = evaluate_segmentation(args.train_real, args.test_real, args.synthetic, args.out,
                                  synthetic_labels=args.synthetic_labels, synthetic_train=args.synthetic_train,
-                                 protocols=protocols, epochs=args.epochs, budget_minutes=args.budget_minutes,
-                                 seed=args.seed, patch=args.patch, device=args.device)
+                                 protocols=protocols, steps=args.steps, epochs=args.epochs,
+                                 budget_minutes=args.budget_minutes, seed=args.seed, patch=args.patch,
+                                 device=args.device, config=config)
     gap = data["domain_gap"]
     if gap:
-        print(f"Dice real {fmt(gap['dice_real'])}, synthetic {fmt(gap['dice_synthetic'])}, "
+        print(f"per-case mean Dice real {fmt(gap['dice_real'])}, synthetic {fmt(gap['dice_synthetic'])}, "
               f"ratio {fmt(gap['ratio'])}")
     for name, res in data["protocols"].items():
-        print(f"trained on {name}: Dice on real test images {fmt(res['tests']['real']['mean']['dice'])}")
+        print(f"trained on {name}: per-case mean Dice on real test images {_with_ci(res['tests']['real']['case_mean'])}"
+              f" (pooled {fmt(res['tests']['real']['mean']['dice'])})")
+    for row in (data.get("augmentation") or {}).get("rows", []):
+        what = f"{row['n_real']} real" + (" + synthetic" if row["synthetic"] else "") if row["n_real"] else "synthetic only"
+        print(f"augmentation, {what}: {_with_ci(row['case_mean'])}")
     _finish(args.out)
     return 0
+
+
+def _int(text: str, option: str) -> int:
+    from medlsdm.errors import MedlsdmError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise MedlsdmError(f"{option}: {text!r} is not a whole number or 'all'") from None
+
+
+def _with_ci(summary: dict) -> str:
+    from medlsdm.evaluation.report import fmt
+
+    return f"{fmt(summary['mean'])} [{fmt(summary['ci_low'], 3)}, {fmt(summary['ci_high'], 3)}] (n={summary['n']})"
 
 
 def _run_privacy(args: argparse.Namespace) -> int:
