@@ -91,14 +91,21 @@ def _segmentation_parser(kinds) -> None:
 
 def _privacy_parser(kinds) -> None:
     p = kinds.add_parser("privacy", help="memorisation audit: are synthetic volumes copies of training ones?",
-                         description="Flag synthetic volumes closer to a training volume than any two "
-                                     "real training volumes are to each other.")
+                         description="Flag synthetic volumes closer to a training volume than held-out real "
+                                     "patients are. Label-conditioned samples (named CASE_sample<k> after the "
+                                     "case of their label map) are compared by label-conditional residuals "
+                                     "(what the map does not explain), so shared anatomy is not taken for "
+                                     "copying; unconditional samples by nearest-neighbour image similarity.")
     p.add_argument("--train", required=True, help="training volumes (the generator's training set)")
+    p.add_argument("--held-out", help="real cases never trained on (images + label maps): calibrate the threshold")
     p.add_argument("--synthetic", required=True, help="synthetic volumes")
+    p.add_argument("--mode", choices=["auto", "conditional", "nearest"], default="auto",
+                   help="conditional: residual audit (needs --held-out and samples named after label-map cases); "
+                        "nearest: image similarity; auto (default): conditional when possible")
     p.add_argument("--out", required=True, help="output folder (privacy.json, figures/, report)")
-    p.add_argument("--similarity", choices=["ncc", "ssim"], default="ncc")
-    p.add_argument("--quantile", type=float, help="threshold = this quantile of real-to-real similarities "
-                                                  "(default: their maximum)")
+    p.add_argument("--similarity", choices=["ncc", "ssim"], default="ncc", help="nearest mode only")
+    p.add_argument("--quantile", type=float, help="threshold = this quantile of the held-out (else real-to-real) "
+                                                  "similarities (default: their maximum)")
     p.add_argument("--mask", choices=["foreground"], help="compare inside the training label maps' foreground")
     p.set_defaults(func=_run_privacy)
 
@@ -173,10 +180,11 @@ def _run_privacy(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.audit import audit_folders
     from medlsdm.evaluation.report import fmt
 
-    result = audit_folders(args.train, args.synthetic, args.out, similarity=args.similarity,
-                           quantile=args.quantile, mask=args.mask)
-    print(f"{result['n_flagged']} of {result['n_synthetic']} synthetic volumes flagged "
-          f"(threshold {fmt(result['threshold'])}, {result['threshold_rule']})")
+    result = audit_folders(args.train, args.synthetic, args.out, held_out=args.held_out, mode=args.mode,
+                           similarity=args.similarity, quantile=args.quantile, mask=args.mask)
+    print(f"{result['mode']} audit: {result['n_flagged']} of {result['n_synthetic']} synthetic volumes flagged "
+          f"(threshold {fmt(result['threshold'])}, {result['threshold_rule']}; held-out baseline rate "
+          f"{fmt(result.get('baseline_rate'))})")
     _finish(args.out)
     return 0
 
