@@ -27,7 +27,8 @@ def register(sub) -> None:
 
 # Kept literal (not imported from evaluation.quality, which imports torch) so --help stays fast;
 # evaluation.quality.resolve_metrics checks the names.
-QUALITY_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae", "lpips", "fid2d", "fid3d", "mmd", "diversity")
+QUALITY_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae", "lpips", "fid2d", "fid3d", "fid3d_random", "mmd",
+                   "diversity")
 
 
 def _quality_parser(kinds) -> None:
@@ -44,6 +45,8 @@ def _quality_parser(kinds) -> None:
     p.add_argument("--data-range", type=float, help="intensity range for SSIM/PSNR (default: each real "
                                                     "volume's max - min)")
     p.add_argument("--mask", choices=["foreground"], help="SSIM/PSNR/RMSE/MAE inside label > 0 only")
+    p.add_argument("--ssim-window", type=int, default=7,
+                   help="Gaussian SSIM window (default 7; 11 to compare with most published numbers)")
     p.add_argument("--inception", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
                                        "default: the torch hub cache")
     p.add_argument("--medicalnet", help="MedicalNet ResNet checkpoint for 3D FID / MMD features")
@@ -125,7 +128,7 @@ def _run_quality(args: argparse.Namespace) -> int:
                             data_range=args.data_range, mask=args.mask, inception=args.inception,
                             medicalnet=args.medicalnet, lpips_backbone=args.lpips_backbone,
                             lpips_heads=args.lpips_heads, lpips_net=args.lpips_net, device=args.device,
-                            fid_slices=args.fid_slices, unpaired=args.unpaired)
+                            fid_slices=args.fid_slices, unpaired=args.unpaired, ssim_window=args.ssim_window)
     for name, s in data["paired"]["summary"].items():
         print(f"{name:10s} {fmt(s['mean'])} ± {fmt(s['std'])} (n={s['n']})")
     for name, reason in data["skipped"].items():

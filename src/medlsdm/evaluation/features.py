@@ -1,4 +1,5 @@
-"""Feature extractors for FID: Inception-v3 on 2D slices, MedicalNet 3D ResNets on volumes.
+"""Feature extractors for FID: Inception-v3 on 2D slices, MedicalNet 3D ResNets on volumes, and
+a fixed random 3D CNN (no weights to download) so that a 3D distribution metric is always there.
 
 Both networks are defined here in plain torch (torchvision does not import beside this torch
 build) with the module names of the published weights, so their state dicts load by key:
@@ -33,7 +34,7 @@ from medlsdm.files import atomic_output, ensure_writable_dir
 __all__ = [
     "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "default_inception_path", "InceptionV3",
     "InceptionFeatureExtractor", "MedicalNetResNet", "MedicalNetFeatureExtractor",
-    "slices_for_fid", "FeatureCache",
+    "slices_for_fid", "FeatureCache", "RandomConv3DFeatures", "inception_from_torchscript",
 ]
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -466,6 +467,53 @@ class MedicalNetFeatureExtractor:
         if not feats:
             return np.zeros((0, self.model.feature_dim))
         return torch.cat(feats).numpy()
+
+
+# ============================================================================ offline 3D features
+
+class RandomConv3DFeatures:
+    """Features of a fixed, untrained random 3D CNN — a 3D distribution metric that needs no
+    downloaded weights (MedicalNet has no offline source). It knows nothing of anatomy: its
+    Fréchet distance compares the statistics of local 3D patterns at four scales, and is
+    comparable only with numbers from this same network (``name`` carries its weights' hash).
+
+    Four stride-2 3×3×3 convolutions (1→16→32→64→128 channels, ReLU); the feature vector is each
+    stage's per-channel mean and standard deviation over space (480 values). Weights: He-scaled
+    normal draws from numpy's PCG64 with ``seed`` (reproducible across machines and torch
+    versions), biases 0. Input: a volume (D, H, W) in [0, 1] (the caller's intensity mapping).
+    """
+
+    CHANNELS = (16, 32, 64, 128)
+
+    def __init__(self, seed: int = 0, device: str | torch.device = "cpu"):
+        rng = np.random.default_rng(seed)
+        self.device = torch.device(device)
+        self.weights, cin = [], 1
+        for cout in self.CHANNELS:
+            w = rng.standard_normal((cout, cin, 3, 3, 3)) * np.sqrt(2.0 / (cin * 27))
+            self.weights.append(torch.from_numpy(w.astype(np.float32)).to(self.device))
+            cin = cout
+        digest = hashlib.sha256(b"".join(w.cpu().numpy().tobytes() for w in self.weights)).hexdigest()
+        self.seed = seed
+        self.provenance = {"network": "random-3d-cnn", "seed": seed, "sha256": digest, "verified": True,
+                           "format": "generated (untrained)"}
+        self.feature_dim = 2 * sum(self.CHANNELS)
+
+    @property
+    def name(self) -> str:
+        return f"random-3d-cnn-seed{self.seed}:{self.provenance['sha256'][:16]}"
+
+    @torch.no_grad()
+    def __call__(self, volumes) -> np.ndarray:
+        feats = []
+        for volume in volumes:
+            x = torch.as_tensor(np.asarray(volume, dtype=np.float32), device=self.device)[None, None]
+            parts = []
+            for w in self.weights:
+                x = F.relu(F.conv3d(x, w, stride=2, padding=1))
+                parts += [x.mean((2, 3, 4)), x.std((2, 3, 4), unbiased=False)]
+            feats.append(torch.cat(parts, 1).double().cpu())
+        return torch.cat(feats).numpy() if feats else np.zeros((0, self.feature_dim))
 
 
 # ============================================================================ slices and cache
