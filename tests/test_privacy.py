@@ -209,3 +209,38 @@ def test_held_out_subjects_in_training_are_left_out_and_too_few_is_an_error(coho
     assert result["held_out_left_out"] == ["h0"] and result["n_held_out"] == 2
     with pytest.raises(DataError, match="at least 2 held-out"):
         copy_audit([train[0]], [train_labels[0]], train, train_labels, held[:1], held_labels[:1])
+
+
+def test_privacy_command_on_folders_uses_the_copy_audit(tmp_path, capsys):
+    from evaluation_data import write_nifti
+    from medlsdm.cli import main
+
+    rng = np.random.default_rng(7)
+    images = {}
+    for folder, ids in (("train", [f"t{i}" for i in range(6)]), ("held", [f"h{i}" for i in range(4)])):
+        for case in ids:
+            lab = label_map(rng)
+            images[case] = (image_for(rng, lab), lab)
+            write_nifti(tmp_path / folder / "images" / f"{case}.nii.gz", images[case][0])
+            write_nifti(tmp_path / folder / "labels" / f"{case}.nii.gz", lab)
+    syn = tmp_path / "syn"
+    write_nifti(syn / "t2_sample0.nii.gz", deform(images["t2"][0], rng))        # a copy
+    for case in ("t0", "t1", "t3"):                                                   # honest samples
+        write_nifti(syn / f"{case}_sample0.nii.gz", image_for(rng, images[case][1]))
+    out = tmp_path / "out"
+    assert main(["evaluate", "privacy", "--train", str(tmp_path / "train"), "--held-out", str(tmp_path / "held"),
+                 "--synthetic", str(syn), "--out", str(out)]) == 0
+    result = json.loads((out / "privacy.json").read_text(encoding="utf-8"))
+    assert result["mode"] == "conditional" and result["map_cases"]["t2_sample0"] == "t2"
+    # the copy is flagged and far above everything else (with 4 held-out cases an honest sample
+    # exceeds their maximum with probability about 1/5: the baseline rate)
+    assert result["flagged"][0]["synthetic_id"] == "t2_sample0" and result["flagged"][0]["train_id"] == "t2"
+    honest = [p["similarity"] for p in result["pairs"] if p["synthetic_id"] != "t2_sample0"]
+    assert max(honest) < 0.6 < result["flagged"][0]["similarity"]
+    assert f"conditional audit: {result['n_flagged']} of 4 synthetic volumes flagged" in capsys.readouterr().out
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "What this audit can and cannot detect" in report and "held-out" in report
+    # without held-out cases the conditional audit cannot be calibrated: a one-line error
+    assert main(["evaluate", "privacy", "--train", str(tmp_path / "train"), "--synthetic", str(syn),
+                 "--mode", "conditional", "--out", str(tmp_path / "o2")]) == 2
+    assert "needs --held-out" in capsys.readouterr().err

@@ -1,0 +1,169 @@
+"""The evaluation of the shipped demo model on the demo cohort, with the real pretrained networks:
+LPIPS (VGG, AlexNet), 2D FID (Inception), 3D FID on the offline random 3D CNN; the augmentation
+study; the privacy audit with planted copies. Results go to benchmarks/evaluation.md by hand.
+
+    PYTHONPATH=src python benchmarks/bench_evaluation.py --out /tmp/bench_eval
+
+Real weights come from $MEDLSDM_SHARED_WEIGHTS (default ../shared/weights beside the repository),
+imported with `medlsdm weights import` into a private torch hub cache under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clock():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), usage.ru_utime + usage.ru_stime
+
+
+def timed(label, fn, log):
+    wall0, cpu0 = clock()
+    result = fn()
+    wall1, cpu1 = clock()
+    log[label] = {"wall_s": round(wall1 - wall0, 1), "own_cpu_s": round(cpu1 - cpu0, 1)}
+    print(f"[{label}] wall {wall1 - wall0:.1f} s, own CPU {cpu1 - cpu0:.1f} s", flush=True)
+    return result
+
+
+def plant_copies(train_images: Path, train_labels: Path, out: Path, victims, seed=0):
+    """Copies of training images named as samples of the victim's own label map."""
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    rng = np.random.default_rng(seed)
+    written = []
+    for victim in victims:
+        img = nib.load(str(train_images / f"{victim}.nii.gz"))
+        a = np.asarray(img.dataobj, dtype=np.float32)
+        disp = [gaussian_filter(rng.normal(size=a.shape), 4) for _ in range(3)]
+        grid = np.meshgrid(*[np.arange(n) for n in a.shape], indexing="ij")
+        deformed = map_coordinates(a, [g + d / np.abs(d).max() * 0.8 for g, d in zip(grid, disp)], order=1,
+                                   mode="nearest")
+        kinds = {"exact": a, "noisy": a + 0.03 * a.std() * rng.normal(size=a.shape),
+                 "shifted": np.roll(a, (1, -1, 0), (0, 1, 2)), "flipped": a[::-1],
+                 "scaled": 1.3 * a + 0.1 * a.std(), "deformed": deformed}
+        for k, (kind, arr) in enumerate(kinds.items()):
+            path = out / f"{victim}_sample{90 + k}.nii.gz"
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(arr, dtype=np.float32), img.affine), str(path))
+            written.append((path.name, kind, victim))
+    return written
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seg-steps", type=int, default=200)
+    parser.add_argument("--seg-patch", type=int, default=32)
+    parser.add_argument("--fid-slices", type=int, default=8)
+    parser.add_argument("--sampling-steps", type=int, default=None)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_HOME"] = str(out / "torch_home")
+    shared = Path(os.environ.get("MEDLSDM_SHARED_WEIGHTS", ROOT.parent / "shared" / "weights"))
+
+    import torch
+
+    torch.set_num_threads(2)
+    torch.set_flush_denormal(True)
+    from medlsdm import pretrained
+    from medlsdm.data.demo import write_demo_cohort
+    from medlsdm.demo import _generic_view, shipped_model_dir
+    from medlsdm.evaluation.audit import audit_folders
+    from medlsdm.evaluation.features import inception_from_torchscript
+    from medlsdm.evaluation.quality import evaluate_quality
+    from medlsdm.evaluation.report import build_report
+    from medlsdm.evaluation.segmentation import evaluate_segmentation
+    from medlsdm.generate import sample_to_files
+
+    log = {}
+    for name, file in (("lpips-vgg-backbone", "vgg16-features.pth"), ("lpips-alex-backbone", "alexnet-features.pth"),
+                       ("lpips-vgg-heads", "lpips-v0.1-vgg-heads.pth"), ("lpips-alex-heads", "lpips-v0.1-alex-heads.pth"),
+                       ("inception-fid", "inception-2015-12-05-torchscript.pt")):
+        pretrained.import_weights(name, shared / file, inception_from_torchscript)
+    cohort = out / "cohort"
+    if not (cohort / "dataset.json").is_file():
+        timed("cohort", lambda: write_demo_cohort(cohort, progress=False), log)
+    model = shipped_model_dir()
+    syn_test, syn_train = out / "synthetic_test", out / "synthetic_train"
+    if not syn_test.is_dir():
+        timed("sample 4 test maps", lambda: sample_to_files(model, cohort / "labelsTs", syn_test, steps=args.sampling_steps,
+                                                            seed=0, progress=False), log)
+    if not syn_train.is_dir():
+        timed("sample 20 training maps", lambda: sample_to_files(model, cohort / "labels", syn_train,
+                                                                 steps=args.sampling_steps, seed=1, progress=False), log)
+    test_real = _generic_view(out / "test_real", cohort / "imagesTs", cohort / "labelsTs")
+    train_real = _generic_view(out / "train_real", cohort / "images", cohort / "labels")
+
+    ev = out / "evaluation"
+    paired = timed("quality, paired (4 test cases)", lambda: evaluate_quality(
+        cohort / "imagesTs", syn_test, ev / "paired", labels=cohort / "labelsTs",
+        metrics="ssim,psnr,lpips", progress=False, ssim_window=11), log)
+    dist = timed("quality, distributions (20 training images vs 20 samples of their maps)", lambda: evaluate_quality(
+        cohort / "images", syn_train, ev / "distribution", metrics="fid2d,fid3d_random,mmd", fid_slices=args.fid_slices,
+        progress=False), log)
+    seg = timed("segmentation: real + augmentation study", lambda: evaluate_segmentation(
+        train_real, test_real, syn_test, ev / "segmentation", synthetic_train=syn_train, protocols=["real", "augmentation"],
+        steps=args.seg_steps, patch=(args.seg_patch,) * 3, seed=0, progress=False,
+        config={"augmentation_sizes": (2, 4, 8, "all")}), log)
+    audited = out / "synthetic_audited"
+    if audited.exists():
+        shutil.rmtree(audited)
+    shutil.copytree(syn_train, audited, ignore=shutil.ignore_patterns("*.png"))
+    planted = plant_copies(cohort / "images", cohort / "labels", audited, ["sub-003", "sub-011"]
+                           if (cohort / "images" / "sub-003.nii.gz").is_file()
+                           else sorted(p.name.split(".")[0] for p in (cohort / "images").glob("*.nii.gz"))[:2])
+    privacy = timed("privacy, copy audit", lambda: audit_folders(
+        train_real, audited, ev / "privacy", held_out=test_real, progress=False), log)
+    nearest = timed("privacy, nearest-neighbour audit (for contrast)", lambda: audit_folders(
+        train_real, audited, ev / "privacy_nearest", held_out=test_real, mode="nearest", progress=False), log)
+    for d in ("paired", "distribution", "segmentation", "privacy"):
+        build_report(ev / d)
+
+    pairs = {p["synthetic_id"]: p for p in privacy["pairs"]}
+    near = {p["synthetic_id"]: p for p in nearest["pairs"]}
+    summary = {
+        "timings": log,
+        "paired": paired["paired"]["summary"],
+        "distribution": {k: v.get("value", v.get("mean")) for k, v in dist["distribution"].items()
+                         if isinstance(v, dict)},
+        "fid2d_per_axis": dist["distribution"]["fid2d"]["per_axis"],
+        "segmentation_domain_gap": seg["domain_gap"],
+        "segmentation_real": {t: seg["protocols"]["real"]["tests"][t]["case_mean"] for t in ("real", "synthetic")},
+        "augmentation": [{"n_real": r["n_real"], "synthetic": r["synthetic"], "case_mean": r["case_mean"],
+                          "pooled": r["pooled_dice"]} for r in seg["augmentation"]["rows"]],
+        "privacy": {"threshold": privacy["threshold"], "baseline_rate": privacy["baseline_rate"],
+                    "held_out_to_train": privacy["held_out_to_train"],
+                    "planted": [{"file": f, "kind": k, "victim": v,
+                                 "similarity": pairs[f.removesuffix(".nii.gz")]["similarity"],
+                                 "flagged": pairs[f.removesuffix(".nii.gz")]["flagged"],
+                                 "nearest": pairs[f.removesuffix(".nii.gz")]["train_id"],
+                                 "nearest_mode_flagged": near[f.removesuffix(".nii.gz")]["flagged"]}
+                                for f, k, v in planted],
+                    "honest": {"n": sum(1 for s in pairs if int(s.rsplit("sample", 1)[1]) < 90),
+                               "flagged": sum(p["flagged"] for s, p in pairs.items()
+                                              if int(s.rsplit("sample", 1)[1]) < 90),
+                               "max_similarity": max(p["similarity"] for s, p in pairs.items()
+                                                     if int(s.rsplit("sample", 1)[1]) < 90),
+                               "nearest_mode_flagged": sum(p["flagged"] for s, p in near.items()
+                                                           if int(s.rsplit("sample", 1)[1]) < 90)},
+                    "nearest_mode_threshold": nearest["threshold"]},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(json.dumps(summary, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
