@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import os
 import shutil
 import urllib.request
@@ -250,7 +251,10 @@ def load_weights(name: str, path: str | os.PathLike | None = None,
                                f"only allow-listed {name} files by SHA-256 are opened)")
         import torch
 
-        module = torch.jit.load(str(path), map_location="cpu")  # allow-listed by hash above
+        data = path.read_bytes()  # hash and load the same bytes: no swap between check and load
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise MedlsdmError(f"{path}: changed while it was being read; try again")
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")  # allow-listed by hash above
         return LoadedWeights(convert(module), path, name, digest, True, "torchscript (converted)")
     state, fmt = _read_state_dict(path, name)
     if known is None and any(f.sha256 for f in network(name).files):
