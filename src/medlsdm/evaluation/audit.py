@@ -190,6 +190,10 @@ def _nearest_mode(train_map, held_map, syn_files, out_dir, similarity, quantile,
 
     cache = ensure_writable_dir(out_dir / "cache")
     train_files, held_files = list(train_map.values()), list(held_map.values())
+    note = None
+    if len(held_files) == 1:  # one held-out case cannot calibrate a threshold: the older rule
+        note = "1 held-out case is too few for the threshold; training leave-one-out rule used"
+        held_files = []
     train_arr, ref = stack_volumes(train_files, cache / "privacy_train.npy", progress=progress, desc="training volumes")
     syn_arr, _ = stack_volumes(syn_files, cache / "privacy_synthetic.npy", ref, progress, "synthetic volumes")
     held_arr = stack_volumes(held_files, cache / "privacy_held_out.npy", ref, progress, "held-out volumes")[0] \
@@ -203,7 +207,7 @@ def _nearest_mode(train_map, held_map, syn_files, out_dir, similarity, quantile,
                            [subject(f) for f in train_files], similarity=similarity, mask=fg,
                            data_range=data_range, quantile=quantile, held_out=held_arr,
                            held_out_groups=[subject(f) for f in held_files] if held_files else None)
-    result.update({"mask": mask, "data_range": data_range})
+    result.update({"mask": mask, "data_range": data_range, "note": note})
     result["_arrays"] = (syn_arr, train_arr, [f.name for f in syn_files], [f.name for f in train_files])
     # Copies of the data are not kept: the memory maps stay readable until dropped (POSIX).
     for name in ("privacy_train.npy", "privacy_synthetic.npy", "privacy_held_out.npy"):

@@ -375,6 +375,8 @@ def privacy_section(data: dict, out_dir: str | os.PathLike) -> Section:
         + (f", {data.get('n_held_out')} held-out real cases; held-out cases flagged against the others' "
            f"threshold (the rate an honest model should not exceed): {fmt(100 * baseline, 3)} %."
            if baseline is not None else ".")))
+    if data.get("note"):
+        sec.blocks.append(Text(data["note"]))
     if data.get("subjects_flagged"):
         sec.blocks.append(Text(f"Training subjects with a flagged synthetic volume: {_names(data['subjects_flagged'])}."))
     if data.get("scope"):
