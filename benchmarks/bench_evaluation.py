@@ -64,10 +64,13 @@ def plant_copies(train_images: Path, train_labels: Path, out: Path, victims, see
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--seg-steps", type=int, default=200)
+    parser.add_argument("--seg-steps", type=int, default=100)
     parser.add_argument("--seg-patch", type=int, default=32)
+    parser.add_argument("--sizes", default="2,4,all", help="augmentation study sizes")
     parser.add_argument("--fid-slices", type=int, default=8)
-    parser.add_argument("--sampling-steps", type=int, default=None)
+    parser.add_argument("--train-maps", type=int, default=8, help="training label maps to sample from")
+    parser.add_argument("--train-sampling-steps", type=int, default=10,
+                        help="DDIM steps for the training-map samples (the test-map samples use the model's own)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,12 +101,17 @@ def main():
         timed("cohort", lambda: write_demo_cohort(cohort, progress=False), log)
     model = shipped_model_dir()
     syn_test, syn_train = out / "synthetic_test", out / "synthetic_train"
-    if not syn_test.is_dir():
-        timed("sample 4 test maps", lambda: sample_to_files(model, cohort / "labelsTs", syn_test, steps=args.sampling_steps,
-                                                            seed=0, progress=False), log)
-    if not syn_train.is_dir():
-        timed("sample 20 training maps", lambda: sample_to_files(model, cohort / "labels", syn_train,
-                                                                 steps=args.sampling_steps, seed=1, progress=False), log)
+    if len(list(syn_test.glob("*.nii.gz"))) < 4:
+        timed("sample 4 test maps", lambda: sample_to_files(model, cohort / "labelsTs", syn_test, seed=0,
+                                                            progress=False), log)
+    maps = out / "train_maps"
+    if not maps.is_dir():
+        maps.mkdir()
+        for label in sorted((cohort / "labels").glob("*.nii.gz"))[:args.train_maps]:
+            os.symlink(label.resolve(), maps / label.name)
+    if len(list(syn_train.glob("*.nii.gz"))) < args.train_maps:
+        timed(f"sample {args.train_maps} training maps", lambda: sample_to_files(
+            model, maps, syn_train, steps=args.train_sampling_steps, seed=1, progress=False), log)
     test_real = _generic_view(out / "test_real", cohort / "imagesTs", cohort / "labelsTs")
     train_real = _generic_view(out / "train_real", cohort / "images", cohort / "labels")
 
@@ -111,20 +119,27 @@ def main():
     paired = timed("quality, paired (4 test cases)", lambda: evaluate_quality(
         cohort / "imagesTs", syn_test, ev / "paired", labels=cohort / "labelsTs",
         metrics="ssim,psnr,lpips", progress=False, ssim_window=11), log)
-    dist = timed("quality, distributions (20 training images vs 20 samples of their maps)", lambda: evaluate_quality(
+    summary = {"timings": log, "paired": paired["paired"]["summary"]}
+    save(out, summary)
+    dist = timed("quality, distributions (20 training images vs the training-map samples)", lambda: evaluate_quality(
         cohort / "images", syn_train, ev / "distribution", metrics="fid2d,fid3d_random,mmd", fid_slices=args.fid_slices,
-        progress=False), log)
+        fid_axes=("D",), progress=False), log)
+    summary["distribution"] = {k: v.get("value", v.get("mean")) for k, v in dist["distribution"].items()
+                               if isinstance(v, dict)}
+    save(out, summary)
     seg = timed("segmentation: real + augmentation study", lambda: evaluate_segmentation(
         train_real, test_real, syn_test, ev / "segmentation", synthetic_train=syn_train, protocols=["real", "augmentation"],
         steps=args.seg_steps, patch=(args.seg_patch,) * 3, seed=0, progress=False,
-        config={"augmentation_sizes": (2, 4, 8, "all")}), log)
+        config={"augmentation_sizes": tuple(x if x == "all" else int(x) for x in args.sizes.split(","))}), log)
+    summary["segmentation_domain_gap"] = seg["domain_gap"]
+    summary["augmentation"] = [{"n_real": r["n_real"], "synthetic": r["synthetic"], "case_mean": r["case_mean"],
+                                "pooled": r["pooled_dice"]} for r in seg["augmentation"]["rows"]]
+    save(out, summary)
     audited = out / "synthetic_audited"
     if audited.exists():
         shutil.rmtree(audited)
     shutil.copytree(syn_train, audited, ignore=shutil.ignore_patterns("*.png"))
-    planted = plant_copies(cohort / "images", cohort / "labels", audited, ["sub-003", "sub-011"]
-                           if (cohort / "images" / "sub-003.nii.gz").is_file()
-                           else sorted(p.name.split(".")[0] for p in (cohort / "images").glob("*.nii.gz"))[:2])
+    planted = plant_copies(cohort / "images", cohort / "labels", audited, ["subject_003", "subject_011"])
     privacy = timed("privacy, copy audit", lambda: audit_folders(
         train_real, audited, ev / "privacy", held_out=test_real, progress=False), log)
     nearest = timed("privacy, nearest-neighbour audit (for contrast)", lambda: audit_folders(
@@ -134,16 +149,8 @@ def main():
 
     pairs = {p["synthetic_id"]: p for p in privacy["pairs"]}
     near = {p["synthetic_id"]: p for p in nearest["pairs"]}
-    summary = {
-        "timings": log,
-        "paired": paired["paired"]["summary"],
-        "distribution": {k: v.get("value", v.get("mean")) for k, v in dist["distribution"].items()
-                         if isinstance(v, dict)},
-        "fid2d_per_axis": dist["distribution"]["fid2d"]["per_axis"],
-        "segmentation_domain_gap": seg["domain_gap"],
+    summary.update({
         "segmentation_real": {t: seg["protocols"]["real"]["tests"][t]["case_mean"] for t in ("real", "synthetic")},
-        "augmentation": [{"n_real": r["n_real"], "synthetic": r["synthetic"], "case_mean": r["case_mean"],
-                          "pooled": r["pooled_dice"]} for r in seg["augmentation"]["rows"]],
         "privacy": {"threshold": privacy["threshold"], "baseline_rate": privacy["baseline_rate"],
                     "held_out_to_train": privacy["held_out_to_train"],
                     "planted": [{"file": f, "kind": k, "victim": v,
@@ -160,9 +167,13 @@ def main():
                                "nearest_mode_flagged": sum(p["flagged"] for s, p in near.items()
                                                            if int(s.rsplit("sample", 1)[1]) < 90)},
                     "nearest_mode_threshold": nearest["threshold"]},
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    })
+    save(out, summary)
     print(json.dumps(summary, indent=2, default=float))
+
+
+def save(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
 
 
 if __name__ == "__main__":

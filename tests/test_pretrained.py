@@ -9,7 +9,6 @@ import os
 import pathlib
 import pickle
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
