@@ -69,6 +69,8 @@ def main():
     parser.add_argument("--sizes", default="2,4,all", help="augmentation study sizes")
     parser.add_argument("--fid-slices", type=int, default=8)
     parser.add_argument("--train-maps", type=int, default=8, help="training label maps to sample from")
+    parser.add_argument("--privacy-only", action="store_true",
+                        help="rerun only the privacy audits (reusing --out's samples and summary.json)")
     parser.add_argument("--train-sampling-steps", type=int, default=10,
                         help="DDIM steps for the training-map samples (the test-map samples use the model's own)")
     args = parser.parse_args()
@@ -84,7 +86,6 @@ def main():
     from medlsdm import pretrained
     from medlsdm.data.demo import write_demo_cohort
     from medlsdm.demo import _generic_view, shipped_model_dir
-    from medlsdm.evaluation.audit import audit_folders
     from medlsdm.evaluation.features import inception_from_torchscript
     from medlsdm.evaluation.quality import evaluate_quality
     from medlsdm.evaluation.report import build_report
@@ -116,6 +117,11 @@ def main():
     train_real = _generic_view(out / "train_real", cohort / "images", cohort / "labels")
 
     ev = out / "evaluation"
+    if args.privacy_only:
+        summary = json.loads((out / "summary.json").read_text())
+        log = summary["timings"]
+        privacy_stage(args, out, cohort, syn_train, syn_test, train_real, test_real, ev, log, summary)
+        return
     paired = timed("quality, paired (4 test cases)", lambda: evaluate_quality(
         cohort / "imagesTs", syn_test, ev / "paired", labels=cohort / "labelsTs",
         metrics="ssim,psnr,lpips", progress=False, ssim_window=11), log)
@@ -135,24 +141,35 @@ def main():
     summary["augmentation"] = [{"n_real": r["n_real"], "synthetic": r["synthetic"], "case_mean": r["case_mean"],
                                 "pooled": r["pooled_dice"]} for r in seg["augmentation"]["rows"]]
     save(out, summary)
+    summary["segmentation_real"] = {t: seg["protocols"]["real"]["tests"][t]["case_mean"] for t in ("real", "synthetic")}
+    for d in ("paired", "distribution", "segmentation"):
+        build_report(ev / d)
+    privacy_stage(args, out, cohort, syn_train, syn_test, train_real, test_real, ev, log, summary)
+
+
+def privacy_stage(args, out, cohort, syn_train, syn_test, train_real, test_real, ev, log, summary):
+    from medlsdm.evaluation.audit import audit_folders
+    from medlsdm.evaluation.report import build_report
+
     audited = out / "synthetic_audited"
     if audited.exists():
         shutil.rmtree(audited)
     shutil.copytree(syn_train, audited, ignore=shutil.ignore_patterns("*.png"))
+    for sample in syn_test.glob("*.nii.gz"):  # samples of held-out maps: calibrate the copy audit too
+        shutil.copy(sample, audited / sample.name)
     planted = plant_copies(cohort / "images", cohort / "labels", audited, ["subject_003", "subject_011"])
     privacy = timed("privacy, copy audit", lambda: audit_folders(
         train_real, audited, ev / "privacy", held_out=test_real, progress=False), log)
     nearest = timed("privacy, nearest-neighbour audit (for contrast)", lambda: audit_folders(
         train_real, audited, ev / "privacy_nearest", held_out=test_real, mode="nearest", progress=False), log)
-    for d in ("paired", "distribution", "segmentation", "privacy"):
-        build_report(ev / d)
-
-    pairs = {p["synthetic_id"]: p for p in privacy["pairs"]}
-    near = {p["synthetic_id"]: p for p in nearest["pairs"]}
+    build_report(ev / "privacy")
+    heldout_ids = {p.name.removesuffix(".nii.gz") for p in syn_test.glob("*.nii.gz")}
+    pairs = {p["synthetic_id"]: p for p in privacy["pairs"] if p["synthetic_id"] not in heldout_ids}
+    near = {p["synthetic_id"]: p for p in nearest["pairs"] if p["synthetic_id"] not in heldout_ids}
     summary.update({
-        "segmentation_real": {t: seg["protocols"]["real"]["tests"][t]["case_mean"] for t in ("real", "synthetic")},
         "privacy": {"threshold": privacy["threshold"], "baseline_rate": privacy["baseline_rate"],
                     "held_out_to_train": privacy["held_out_to_train"],
+                    "held_out_samples_to_own_image": privacy["held_out_samples_to_own_image"],
                     "planted": [{"file": f, "kind": k, "victim": v,
                                  "similarity": pairs[f.removesuffix(".nii.gz")]["similarity"],
                                  "flagged": pairs[f.removesuffix(".nii.gz")]["flagged"],
@@ -166,6 +183,8 @@ def main():
                                                      if int(s.rsplit("sample", 1)[1]) < 90),
                                "nearest_mode_flagged": sum(p["flagged"] for s, p in near.items()
                                                            if int(s.rsplit("sample", 1)[1]) < 90)},
+                    "honest_pairs": [[s, p["train_id"], p["similarity"], p["flagged"]] for s, p in sorted(pairs.items())
+                                     if int(s.rsplit("sample", 1)[1]) < 90],
                     "nearest_mode_threshold": nearest["threshold"]},
     })
     save(out, summary)

@@ -164,8 +164,10 @@ def test_planted_copies_are_flagged_honest_samples_at_the_baseline_rate(cohort):
     for i, lab in enumerate(train_labels):  # honest samples: the training map, a new patient's texture
         for k in range(2):
             synthetic.append(image_for(rng, lab)), labels.append(lab), ids.append(f"honest-{i}-{k}")
+    held_samples = [(i, image_for(rng, lab)) for i, lab in enumerate(held_labels)]  # samples of unseen maps
     result = copy_audit(synthetic, labels, train, train_labels, held, held_labels, synthetic_ids=ids,
-                        train_ids=[f"t{i}" for i in range(8)])
+                        train_ids=[f"t{i}" for i in range(8)], held_out_samples=held_samples)
+    assert len(result["held_out_samples_to_own_image"]) == 8 and result["n_calibration"] == 16
     pairs = {p["synthetic_id"]: p for p in result["pairs"]}
     for victim in (3, 6):
         for kind in ("exact", "noisy", "shifted", "flipped", "scaled", "deformed"):
@@ -179,6 +181,7 @@ def test_planted_copies_are_flagged_honest_samples_at_the_baseline_rate(cohort):
     assert max(p["similarity"] for p in honest) < 0.6 < min(p["similarity"] for p in copies)
     assert {"t3", "t6"} <= set(result["subjects_flagged"])
     assert result["n_held_out"] == 8 and 0 <= result["baseline_rate"] <= 0.25
+    assert result["threshold"] >= max(result["held_out_samples_to_own_image"] + result["held_out_to_train"])
 
     # The plain nearest-neighbour test on the images cannot tell: honest samples of a training map
     # look more like that training image than held-out patients do.

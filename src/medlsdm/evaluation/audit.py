@@ -173,13 +173,17 @@ def _conditional(train_map, held_map, syn_files, map_cases, labelled, quantile, 
     load = lambda files: [load_image(f)[0] for f in files]  # noqa: E731
     train_arr, held_arr, syn_arr = load(train_files), load(held_files), load(syn_files)
     subject = lambda f: f.subject_id or f.name  # noqa: E731
+    # Samples of held-out maps also calibrate: how close an honest sample gets to its own map's image.
+    held_index = {f.name: i for i, f in enumerate(held_files)}
+    held_samples = [(held_index[c], arr) for c, arr in zip(map_cases, syn_arr) if c in held_index]
     result = copy_audit(
         syn_arr, [load_label(labelled[c].label)[0] for c in map_cases],
         train_arr, _labelled(train_files, "--train"), held_arr, _labelled(held_files, "--held-out"),
         synthetic_ids=[f.name for f in syn_files], train_ids=[f.name for f in train_files],
         held_out_ids=[f.name for f in held_files], train_subjects=[subject(f) for f in train_files],
         held_out_subjects=[subject(f) for f in held_files],
-        synthetic_subjects=[subject(labelled[c]) for c in map_cases], quantile=quantile, settings=settings)
+        synthetic_subjects=[subject(labelled[c]) for c in map_cases], held_out_samples=held_samples,
+        quantile=quantile, settings=settings)
     result["map_cases"] = dict(zip((f.name for f in syn_files), map_cases))
     result["_arrays"] = (syn_arr, train_arr, [f.name for f in syn_files], [f.name for f in train_files])
     return result

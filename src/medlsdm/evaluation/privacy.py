@@ -326,6 +326,7 @@ def copy_audit(synthetic: Sequence[np.ndarray], synthetic_labels: Sequence[np.nd
                synthetic_ids: Sequence[str] | None = None, train_ids: Sequence[str] | None = None,
                held_out_ids: Sequence[str] | None = None, train_subjects: Sequence | None = None,
                held_out_subjects: Sequence | None = None, synthetic_subjects: Sequence | None = None,
+               held_out_samples: Sequence[tuple[int, np.ndarray]] = (),
                quantile: float | None = None, settings: dict | None = None) -> dict:
     """Flag synthetic volumes whose label-conditional residual is closer to a training volume's
     than any held-out real case's is (see the section comment above).
@@ -336,7 +337,13 @@ def copy_audit(synthetic: Sequence[np.ndarray], synthetic_labels: Sequence[np.nd
     volumes of its own subject (``*_subjects``), and held-out cases whose subject is in the
     training set are left out of the calibration. ``baseline_rate``: the fraction of held-out
     cases flagged against a threshold set by the others (leave one out) — what an honest model's
-    samples should not exceed."""
+    samples should not exceed.
+
+    ``held_out_samples``: (index of a held-out case, synthetic volume generated from that case's
+    label map) pairs. The correlation of such a sample with its own map's real image measures how
+    much of the residual the map explains *for this model* on maps it never saw (high when the
+    cohort's texture follows the anatomy); these values join the calibration, so samples of
+    training maps are flagged only when closer to their training image than that."""
     cfg = {**COPY_AUDIT_DEFAULTS, **(settings or {})}
     unknown = sorted(set(cfg) - set(COPY_AUDIT_DEFAULTS))
     if unknown:
@@ -374,12 +381,20 @@ def copy_audit(synthetic: Sequence[np.ndarray], synthetic_labels: Sequence[np.nd
 
     train_subject_set = set(train_subjects)
     calibration, left_out = [], []
-    for hid, subject, res in zip(held_out_ids, held_out_subjects, residuals(held_out, held_out_labels)):
+    held_residuals = residuals(held_out, held_out_labels)
+    for hid, subject, res in zip(held_out_ids, held_out_subjects, held_residuals):
         if subject in train_subject_set:
             left_out.append(hid)
             continue
         j, value = nearest(res)
         calibration.append({"held_out_id": hid, "train_id": train_ids[j] if j >= 0 else None, "similarity": value})
+    held_res = dict(enumerate(held_residuals))
+    for index, volume in held_out_samples:
+        if held_out_subjects[index] in train_subject_set:
+            continue
+        res = label_residual(volume, held_out_labels[index], **res_kw)
+        calibration.append({"held_out_id": held_out_ids[index], "train_id": None, "own_map_sample": True,
+                            "similarity": residual_correlation(res, held_res[index], **cmp_kw)})
     values = np.array([c["similarity"] for c in calibration], dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size < 2:
@@ -402,15 +417,18 @@ def copy_audit(synthetic: Sequence[np.ndarray], synthetic_labels: Sequence[np.nd
         "similarity": "residual correlation",
         "threshold": threshold,
         "threshold_rule": ("max" if quantile is None else f"quantile {quantile}") +
-                          " of held-out-real to training residual correlations",
+                          " of held-out-real to training residual correlations" +
+                          (" and of held-out-map samples to their own map's real image" if held_out_samples else ""),
         "quantile": quantile,
         "settings": {k: cfg[k] for k in COPY_AUDIT_DEFAULTS},
-        "n_synthetic": len(synthetic), "n_train": len(train), "n_held_out": int(values.size),
+        "n_synthetic": len(synthetic), "n_train": len(train),
+        "n_held_out": sum(1 for c in calibration if not c.get("own_map_sample")), "n_calibration": int(values.size),
         "held_out_left_out": left_out,
         "baseline_rate": float(np.mean(loo)),
         "n_flagged": len(flagged), "fraction_flagged": len(flagged) / len(synthetic),
         "subjects_flagged": sorted({p["train_subject"] for p in flagged}),
         "flagged": flagged, "pairs": pairs, "calibration": calibration,
         "synthetic_to_train": [p["similarity"] for p in pairs],
-        "held_out_to_train": [c["similarity"] for c in calibration],
+        "held_out_to_train": [c["similarity"] for c in calibration if not c.get("own_map_sample")],
+        "held_out_samples_to_own_image": [c["similarity"] for c in calibration if c.get("own_map_sample")],
     }
