@@ -21,7 +21,7 @@ CHEAP = "ssim,ms_ssim,psnr,rmse,mae"
 def _no_weight_cache(tmp_path, monkeypatch):
     """An empty torch hub cache: no Inception/LPIPS weights unless a test provides them."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr("medlsdm.models.perceptual._lpips_package_heads", lambda net: None)
+    monkeypatch.setattr("medlsdm.pretrained._lpips_package_dir", lambda: None)
 
 
 @pytest.fixture
@@ -201,7 +201,9 @@ def test_fid2d_with_local_inception_file_and_cache(tmp_path, cohort, inception_f
     other = evaluate_quality(real, noisy, out, **kw)
     assert other["distribution"]["fid2d"]["mean"] > 1e-3
     assert len(set((out / "cache").glob("*.npz"))) == 9  # real features reused, not recomputed
-    assert "inception-fid:inception.pth" in other["distribution"]["fid2d"]["features"]
+    assert other["distribution"]["fid2d"]["features"].startswith("inception-fid:")
+    weights = other["distribution"]["fid2d"]["weights"]
+    assert weights["file"] == "inception.pth" and weights["verified"] is False  # random: not published
 
 
 def test_unpaired_synthetic_volumes_get_distributions_and_diversity(tmp_path, cohort):
@@ -230,3 +232,38 @@ def test_unpaired_synthetic_volumes_get_distributions_and_diversity(tmp_path, co
     assert main(["evaluate", "quality", "--real", str(real), "--synthetic", str(syn), "--out",
                  str(tmp_path / "cli"), "--unpaired"]) == 0
     assert "synthetic, all volumes" in (tmp_path / "cli" / "report.md").read_text(encoding="utf-8")
+
+
+def test_offline_3d_fid_and_recorded_settings(tmp_path, cohort):
+    """A 3D distribution metric needs no downloaded weights; every metric's settings are in
+    metrics.json; SSIM with the 11-voxel window of most papers on request."""
+    from medlsdm.evaluation.features import RandomConv3DFeatures
+
+    real, volumes = cohort
+    same = copy_as(real, tmp_path / "same", {c: c for c in volumes})
+    data = evaluate_quality(real, same, tmp_path / "a", metrics="ssim,fid3d_random", ssim_window=11,
+                            progress=False, figures=False)
+    assert data["distribution"]["fid3d_random"]["value"] == pytest.approx(0.0, abs=1e-6)
+    noisy = tmp_path / "noisy"
+    rng = np.random.default_rng(0)
+    for case, (image, _) in volumes.items():
+        write_nifti(noisy / f"{case}.nii.gz", image + rng.normal(0, 60, image.shape))
+    other = evaluate_quality(real, noisy, tmp_path / "b", metrics="ssim,fid3d_random", ssim_window=11,
+                             progress=False, figures=False)
+    assert other["distribution"]["fid3d_random"]["value"] > 1e-3
+    image, _ = volumes["c0"]
+    noisy_c0 = evaluate_quality(real, noisy, tmp_path / "c", metrics="ssim", progress=False, figures=False)
+    row = next(r for r in other["paired"]["per_case"] if r["case_id"] == "c0")
+    from medlsdm.evaluation.pairing import load_image, scan_folder
+
+    fake = load_image(scan_folder(noisy)["c0"])[0]
+    assert row["ssim"] == pytest.approx(M.ssim3d(image[None], fake, row["data_range"], win_size=11), abs=1e-9)
+    assert row["ssim"] != next(r for r in noisy_c0["paired"]["per_case"] if r["case_id"] == "c0")["ssim"]
+    written = json.loads((tmp_path / "b" / "metrics.json").read_text(encoding="utf-8"))
+    settings = written["settings"]
+    assert settings["ssim"]["window"] == 11 and settings["ssim"]["sigma"] == 1.5
+    assert settings["data_range_rule"] == "each real volume's max - min"
+    net = settings["fid3d_random"]["network"]
+    assert net["sha256"] == RandomConv3DFeatures(seed=0).provenance["sha256"] != RandomConv3DFeatures(seed=1).provenance["sha256"]
+    with pytest.raises(MedlsdmError, match="--ssim-window must be an odd number"):
+        evaluate_quality(real, same, tmp_path / "d", metrics="ssim", ssim_window=8, progress=False)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from medlsdm.errors import MedlsdmError
-from medlsdm.models import perceptual
 from medlsdm.models.perceptual import (LPIPS, Backbone, Heads, build_perceptual_loss, find_lpips_weights,
                                        lpips_slices)
 
@@ -16,7 +15,7 @@ VGG_KEYS = {f"features.{i}.{p}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24
 @pytest.fixture(autouse=True)
 def _no_lpips_package(monkeypatch):
     # Hermetic search: an lpips package installed on the machine must not be found.
-    monkeypatch.setattr(perceptual, "_lpips_package_heads", lambda net: None)
+    monkeypatch.setattr("medlsdm.pretrained._lpips_package_dir", lambda: None)
 
 
 def _write_weights(folder, net, backbone_name, heads_name):
@@ -77,14 +76,31 @@ def test_lpips_is_frozen_but_passes_gradients(vgg):
     assert x.grad.abs().sum() > 0
 
 
+def _publish(monkeypatch, name, path):
+    """Make ``path``'s hash the published one of network ``name``'s file of that file name."""
+    from dataclasses import replace
+
+    from medlsdm import pretrained
+
+    net = pretrained.REGISTRY[name]
+    files = tuple(replace(f, sha256=pretrained.sha256_of(path)) if f.name == path.name else f for f in net.files)
+    monkeypatch.setitem(pretrained.REGISTRY, name, replace(net, files=files))
+
+
 def test_alexnet_loads_from_the_torch_hub_cache(tmp_path, monkeypatch):
     checkpoints = tmp_path / "hub" / "checkpoints"
     _write_weights(checkpoints, "alex", "alexnet-owt-7be5be79.pth", "lpips_alex.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     backbone, heads = find_lpips_weights("alex")
     assert backbone == checkpoints / "alexnet-owt-7be5be79.pth" and heads == checkpoints / "lpips_alex.pth"
+    # random weights under the published names: refused, their hashes are not the published ones
+    with pytest.raises(MedlsdmError, match="alexnet-owt-7be5be79.pth: SHA-256 .* is not the published"):
+        build_perceptual_loss({"perceptual_net": "alex"})
+    _publish(monkeypatch, "lpips-alex-backbone", backbone)
+    _publish(monkeypatch, "lpips-alex-heads", heads)
     net = build_perceptual_loss({"perceptual_net": "alex"})
     assert isinstance(net, LPIPS) and net.net == "alex"
+    assert net.provenance["backbone"]["verified"] and net.provenance["heads"]["verified"]
     assert set(net.backbone.state_dict()) == {f"features.{i}.{p}" for i in (0, 3, 6, 8, 10)
                                               for p in ("weight", "bias")}
     x = torch.rand(1, 1, 64, 64) * 2 - 1

@@ -98,3 +98,152 @@ def test_bad_inputs(train):
         nearest_neighbours([np.zeros((8, 8, 8))], train)
     with pytest.raises(DataError, match="train_ids"):
         privacy_audit(train[:1], train, train_ids=["a"])
+
+
+# ----------------------------------------------------------------------------- copy audit
+# Label-conditioned phantoms: anatomy from a label map (head, tissue, a "ventricle" at a random
+# place), a per-subject bias field and a per-subject texture the map does not explain.
+
+from scipy.ndimage import map_coordinates  # noqa: E402
+
+from medlsdm.evaluation.privacy import copy_audit, label_residual  # noqa: E402
+
+CSHAPE = (24, 24, 24)
+
+
+def label_map(rng):
+    g = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in CSHAPE], indexing="ij"), -1)
+    lab = np.zeros(CSHAPE, np.int16)
+    r = np.sqrt(((g / rng.uniform([9, 8, 7], [11, 10, 9])) ** 2).sum(-1))
+    lab[r < 1] = 1
+    lab[r < 0.75] = 2
+    centre = rng.uniform(-2, 2, 3)
+    lab[np.sqrt((((g - centre) / rng.uniform(2, 3.5, 3)) ** 2).sum(-1)) < 1] = 4  # labels 0/1/2/4
+    return lab
+
+
+def image_for(rng, lab):
+    """A new patient (or an honest sample) for label map ``lab``: fresh bias field and texture."""
+    means = {0: 0.0, 1: 0.35, 2: 0.6, 4: 0.9}
+    img = np.vectorize(means.get)(lab) * rng.uniform(0.95, 1.05)
+    img = img * (1 + 0.5 * gaussian_filter(rng.normal(size=CSHAPE), 6))
+    img = img + (lab > 0) * 0.3 * gaussian_filter(rng.normal(size=CSHAPE), 1.0)
+    return (img + 0.01 * rng.normal(size=CSHAPE)).astype(np.float32)
+
+
+def deform(img, rng, amount=0.8):
+    """A smooth random displacement of at most ``amount`` voxels."""
+    disp = [gaussian_filter(rng.normal(size=img.shape), 4) for _ in range(3)]
+    grid = np.meshgrid(*[np.arange(n) for n in img.shape], indexing="ij")
+    coords = [g + d / np.abs(d).max() * amount for g, d in zip(grid, disp)]
+    return map_coordinates(img, coords, order=1, mode="nearest").astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    rng = np.random.default_rng(0)
+    train_labels = [label_map(rng) for _ in range(8)]
+    held_labels = [label_map(rng) for _ in range(8)]
+    return ([image_for(rng, lab) for lab in train_labels], train_labels,
+            [image_for(rng, lab) for lab in held_labels], held_labels)
+
+
+def copies_of(image, rng):
+    return {"exact": image, "noisy": image + 0.03 * rng.normal(size=image.shape).astype(np.float32),
+            "shifted": np.roll(image, (1, -1, 0), (0, 1, 2)), "flipped": image[::-1].copy(),
+            "scaled": 1.3 * image + 0.2, "deformed": deform(image, rng)}
+
+
+def test_planted_copies_are_flagged_honest_samples_at_the_baseline_rate(cohort):
+    train, train_labels, held, held_labels = cohort
+    rng = np.random.default_rng(5)
+    synthetic, labels, ids = [], [], []
+    for victim in (3, 6):  # copies of a training image "sampled from" that image's own label map
+        for kind, volume in copies_of(train[victim], rng).items():
+            synthetic.append(volume), labels.append(train_labels[victim]), ids.append(f"{kind}-of-{victim}")
+    for i, lab in enumerate(train_labels):  # honest samples: the training map, a new patient's texture
+        for k in range(2):
+            synthetic.append(image_for(rng, lab)), labels.append(lab), ids.append(f"honest-{i}-{k}")
+    held_samples = [(i, image_for(rng, lab)) for i, lab in enumerate(held_labels)]  # samples of unseen maps
+    result = copy_audit(synthetic, labels, train, train_labels, held, held_labels, synthetic_ids=ids,
+                        train_ids=[f"t{i}" for i in range(8)], held_out_samples=held_samples)
+    assert len(result["held_out_samples_to_own_image"]) == 8 and result["n_calibration"] == 16
+    pairs = {p["synthetic_id"]: p for p in result["pairs"]}
+    for victim in (3, 6):
+        for kind in ("exact", "noisy", "shifted", "flipped", "scaled", "deformed"):
+            p = pairs[f"{kind}-of-{victim}"]
+            assert p["flagged"] and p["train_id"] == f"t{victim}", (kind, p)
+    honest = [p for name, p in pairs.items() if name.startswith("honest")]
+    honest_rate = np.mean([p["flagged"] for p in honest])
+    # Honest samples share their training map's anatomy, yet score like held-out patients.
+    assert honest_rate <= result["baseline_rate"] + 1 / len(honest)
+    copies = [p for name, p in pairs.items() if not name.startswith("honest")]
+    assert max(p["similarity"] for p in honest) < 0.6 < min(p["similarity"] for p in copies)
+    assert {"t3", "t6"} <= set(result["subjects_flagged"])
+    assert result["n_held_out"] == 8 and 0 <= result["baseline_rate"] <= 0.25
+    assert result["threshold"] >= max(result["held_out_samples_to_own_image"] + result["held_out_to_train"])
+
+    # The plain nearest-neighbour test on the images cannot tell: honest samples of a training map
+    # look more like that training image than held-out patients do.
+    plain = privacy_audit(synthetic[12:], train, held_out=held)
+    assert plain["fraction_flagged"] > 0.5
+
+
+def test_residual_removes_what_the_label_map_explains():
+    rng = np.random.default_rng(1)
+    lab = label_map(rng)
+    a, b = image_for(rng, lab), image_for(rng, lab)
+    ra, ma = label_residual(a, lab)
+    rb, _ = label_residual(b, lab)
+    assert ra.shape == (1, *CSHAPE) and ma.sum() > 1000 and np.all(ra[:, ~ma] == 0)
+    assert np.linalg.norm(ra) == pytest.approx(1.0, abs=1e-5)
+    # same map, different patients: raw images correlate strongly, residuals do not
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
+    assert abs(float(np.sum(ra * rb))) < 0.2
+    with pytest.raises(DataError, match="label map shape"):
+        label_residual(a, lab[:-1])
+
+
+def test_held_out_subjects_in_training_are_left_out_and_too_few_is_an_error(cohort):
+    train, train_labels, held, held_labels = cohort
+    result = copy_audit([train[0]], [train_labels[0]], train, train_labels, held[:3], held_labels[:3],
+                        train_subjects=["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"],
+                        held_out_ids=["h0", "h1", "h2"], held_out_subjects=["s1", "x", "y"])
+    assert result["held_out_left_out"] == ["h0"] and result["n_held_out"] == 2
+    with pytest.raises(DataError, match="at least 2 held-out"):
+        copy_audit([train[0]], [train_labels[0]], train, train_labels, held[:1], held_labels[:1])
+
+
+def test_privacy_command_on_folders_uses_the_copy_audit(tmp_path, capsys):
+    from evaluation_data import write_nifti
+    from medlsdm.cli import main
+
+    rng = np.random.default_rng(7)
+    images = {}
+    for folder, ids in (("train", [f"t{i}" for i in range(6)]), ("held", [f"h{i}" for i in range(4)])):
+        for case in ids:
+            lab = label_map(rng)
+            images[case] = (image_for(rng, lab), lab)
+            write_nifti(tmp_path / folder / "images" / f"{case}.nii.gz", images[case][0])
+            write_nifti(tmp_path / folder / "labels" / f"{case}.nii.gz", lab)
+    syn = tmp_path / "syn"
+    write_nifti(syn / "t2_sample0.nii.gz", deform(images["t2"][0], rng))        # a copy
+    for case in ("t0", "t1", "t3"):                                                   # honest samples
+        write_nifti(syn / f"{case}_sample0.nii.gz", image_for(rng, images[case][1]))
+    out = tmp_path / "out"
+    assert main(["evaluate", "privacy", "--train", str(tmp_path / "train"), "--held-out", str(tmp_path / "held"),
+                 "--synthetic", str(syn), "--out", str(out)]) == 0
+    result = json.loads((out / "privacy.json").read_text(encoding="utf-8"))
+    assert result["mode"] == "conditional" and result["map_cases"]["t2_sample0"] == "t2"
+    # the copy is flagged and far above everything else (with 4 held-out cases an honest sample
+    # exceeds their maximum with probability about 1/5: the baseline rate)
+    assert result["flagged"][0]["synthetic_id"] == "t2_sample0" and result["flagged"][0]["train_id"] == "t2"
+    honest = [p["similarity"] for p in result["pairs"] if p["synthetic_id"] != "t2_sample0"]
+    assert max(honest) < 0.6 < result["flagged"][0]["similarity"]
+    assert f"conditional audit: {result['n_flagged']} of 4 synthetic volumes flagged" in capsys.readouterr().out
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "What this audit can and cannot detect" in report and "held-out" in report
+    # without held-out cases the conditional audit cannot be calibrated: a one-line error
+    assert main(["evaluate", "privacy", "--train", str(tmp_path / "train"), "--synthetic", str(syn),
+                 "--mode", "conditional", "--out", str(tmp_path / "o2")]) == 2
+    assert "needs --held-out" in capsys.readouterr().err

@@ -40,7 +40,18 @@ def test_write_report_markdown_and_html(tmp_path):
     assert "# T" in text and "## First" in text and "![A picture](figures/a.png)" in text
     assert "| ssim\\|3d | 0.5 |" in text and "| psnr | ∞ |" in text
     doc = page.read_text(encoding="utf-8")
-    assert "<img src='figures/a.png'" in doc and "Some &lt;text&gt; &amp; more" in doc and "<td>∞</td>" in doc
+    # self-contained: the picture is embedded, byte for byte
+    import base64
+
+    embedded = base64.b64encode((tmp_path / "figures" / "a.png").read_bytes()).decode("ascii")
+    assert f"<img src='data:image/png;base64,{embedded}'" in doc and "figures/a.png" not in doc
+    assert "Some &lt;text&gt; &amp; more" in doc and "<td>∞</td>" in doc
+    # a block added by another part of the package (e.g. a viewer) goes after the evaluation sections
+    from medlsdm.evaluation.report import HtmlBlock
+
+    md, page = write_report(tmp_path, sections + [Section("Viewer", [HtmlBlock("<div id='viewer'></div>", "(viewer)")])])
+    assert page.read_text(encoding="utf-8").index("<div id='viewer'></div>") > page.read_text(encoding="utf-8").index("First")
+    assert "(viewer)" in md.read_text(encoding="utf-8")
     with pytest.raises(MedlsdmError, match="missing.png: report figure is missing"):
         write_report(tmp_path, [Section("x", [Figure("missing.png")])])
 
@@ -60,7 +71,9 @@ def test_build_report_assembles_existing_sections(tmp_path):
     (tmp_path / "segmentation.json").write_text(json.dumps({
         "domain_gap": {"dice_real": 0.8, "dice_synthetic": 0.6, "ratio": 0.75}, "class_names": {"1": "tumour"},
         "protocols": {"real": {"n_train_volumes": 4, "tests": {
-            "real": {"n_volumes": 2, "mean": {"dice": 0.8}, "per_class": {"1": {"dice": 0.8}}},
+            "real": {"n_volumes": 2, "mean": {"dice": 0.78}, "per_class": {"1": {"dice": 0.78}},
+                     "case_mean": {"mean": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n": 2},
+                     "per_class_case_mean": {"1": {"mean": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n": 2}}},
             "synthetic": {"n_volumes": 2, "mean": {"dice": 0.6}, "per_class": {"1": {"dice": 0.6}}}}}},
         "skipped_protocols": {"synthetic": "no synthetic training volume"}}), encoding="utf-8")
     md, page = build_report(tmp_path)
@@ -68,8 +81,9 @@ def test_build_report_assembles_existing_sections(tmp_path):
     assert text.index("## Image quality") < text.index("## Downstream segmentation")
     assert "| ssim | 0.8 ± 0.1 | 2 |" in text and "| psnr | ∞ ± 0 | 2 |" in text
     assert "2D FID, slices along W | 2.5" in text and "| lpips | weights not found |" in text
-    assert "ratio synthetic/real 0.75" in text and "| 1 tumour | 0.8" in text
-    assert "Privacy" not in text and "figures/quality_cases.png" in page.read_text(encoding="utf-8")
+    assert "ratio synthetic/real 0.75" in text and "| 1 tumour | 0.8 [0.7, 0.9] | 0.78" in text
+    assert "| real | real | 4 | 2 | 0.8 [0.7, 0.9] | 0.78 |" in text  # per-case mean [CI], pooled beside
+    assert "Privacy" not in text and "data:image/png;base64," in page.read_text(encoding="utf-8")
 
 
 @pytest.fixture

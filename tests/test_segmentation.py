@@ -116,3 +116,80 @@ def test_synthetic_test_cases_pair_with_their_test_label_maps(toy):
     for case in synthetic:
         twin = real[case.case_id.removesuffix("_sample0")]
         assert np.array_equal(case.label, twin.label) and np.allclose(case.image, twin.image)
+
+
+def test_per_case_mean_dice_with_bootstrap_ci_beside_the_pooled_figure(copies_result):
+    from medlsdm.evaluation.metrics import bootstrap_mean_ci
+
+    _, data = copies_result
+    res = data["protocols"]["real"]["tests"]["real"]
+    per_case = res["per_case"]
+    assert set(per_case) == {"te0", "te1"}
+    for case in per_case.values():
+        finite = [v for v in case["dice_per_class"].values() if np.isfinite(v)]
+        assert case["dice"] == pytest.approx(np.mean(finite))
+    values = [c["dice"] for c in per_case.values()]
+    assert res["case_mean"]["mean"] == pytest.approx(np.mean(values)) and res["case_mean"]["n"] == 2
+    assert res["case_mean"]["ci_low"] <= res["case_mean"]["mean"] <= res["case_mean"]["ci_high"]
+    for c, summary in res["per_class_case_mean"].items():
+        assert summary["mean"] == pytest.approx(np.nanmean([p["dice_per_class"][c] for p in per_case.values()]))
+    assert data["domain_gap"]["dice_real"] == res["case_mean"]["mean"]
+    assert "mean" in res and "dice" in res["mean"]  # pooled Dice kept beside
+    # the bootstrap: a known spread gives an interval inside the data's range, seeded
+    ci = bootstrap_mean_ci([0.2, 0.4, 0.6, 0.8, 1.0], seed=1)
+    assert 0.2 <= ci["ci_low"] < 0.6 < ci["ci_high"] <= 1.0
+    assert ci == bootstrap_mean_ci([0.2, 0.4, 0.6, 0.8, 1.0], seed=1)
+    assert np.isnan(bootstrap_mean_ci([0.5])["ci_low"])
+
+
+def test_default_is_a_fixed_number_of_steps(toy, tmp_path):
+    root, _, noise = toy
+    data = evaluate_segmentation(root / "train", root / "test", noise, tmp_path, seed=0, progress=False,
+                                 config={**TINY, "steps": 3}, protocols=["real"], figures=False)
+    assert data["protocols"]["real"]["steps"] == 3
+    assert data["settings"]["steps"] == 3 and data["settings"]["budget_minutes"] is None
+    with pytest.raises(MedlsdmError, match="one of --steps, --epochs, --budget-minutes"):
+        evaluate_segmentation(root / "train", root / "test", noise, tmp_path, steps=2, epochs=1, config=TINY)
+
+
+def test_augmentation_study_table_and_plot(toy, tmp_path):
+    root, copies, _ = toy
+    data = evaluate_segmentation(root / "train", root / "test", copies, tmp_path, steps=8, seed=0, progress=False,
+                                 config={**TINY, "augmentation_sizes": (2, 4, "all", 50)},
+                                 protocols=["augmentation"])
+    study = data["augmentation"]
+    assert study["sizes"] == [2, 4, 6]  # 50 > the 6 training cases: dropped; "all" = 6
+    rows = study["rows"]
+    assert [(r["n_real"], r["synthetic"]) for r in rows] == [(2, False), (2, True), (4, False), (4, True),
+                                                            (6, False), (6, True), (0, True)]
+    assert [r["n_train_volumes"] for r in rows] == [2, 8, 4, 10, 6, 12, 6]
+    assert all(r["steps"] == 8 for r in rows)  # the same training length for every network
+    assert all(r["case_mean"]["n"] == 2 for r in rows)  # scored on the real test cases
+    assert sorted(study["subset_order"]) == [f"tr{i}" for i in range(6)]
+    figure = [f for f in data["figures"] if "augmentation" in f["path"]]
+    assert figure and (tmp_path / figure[0]["path"]).is_file()
+    from medlsdm.evaluation.report import build_report
+
+    _, page = build_report(tmp_path)
+    assert "Augmentation study" in page.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_same_result_on_a_quiet_and_a_loaded_machine(toy, tmp_path):
+    """Two busy processes compete for the CPUs during the second run: the numbers must not move."""
+    import subprocess
+    import sys
+
+    root, _, noise = toy
+    kw = dict(steps=12, seed=0, progress=False, config=TINY, protocols=["real"], figures=False)
+    quiet = evaluate_segmentation(root / "train", root / "test", noise, tmp_path / "quiet", **kw)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        loaded = evaluate_segmentation(root / "train", root / "test", noise, tmp_path / "loaded", **kw)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    for result in (quiet, loaded):
+        result["protocols"]["real"].pop("seconds")
+    assert loaded["protocols"] == quiet["protocols"]

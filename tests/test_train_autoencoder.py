@@ -47,7 +47,7 @@ def _scalars(run, tag):
 @pytest.fixture(autouse=True)
 def _no_lpips_weights(monkeypatch, tmp_path):
     # Hermetic: no LPIPS weights from the machine's caches or an installed lpips package.
-    monkeypatch.setattr(perceptual, "_lpips_package_heads", lambda net: None)
+    monkeypatch.setattr("medlsdm.pretrained._lpips_package_dir", lambda: None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
 
 

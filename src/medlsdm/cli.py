@@ -30,6 +30,7 @@ COMMAND_MODULES: list[str] = [
     "medlsdm.commands.sample",
     "medlsdm.commands.evaluate",
     "medlsdm.commands.reader_study",
+    "medlsdm.commands.weights",
     "medlsdm.commands.export",
     "medlsdm.commands.demo",
 ]

@@ -32,7 +32,8 @@ def register(sub) -> None:
 
 # Kept literal (not imported from evaluation.quality, which imports torch) so --help stays fast;
 # evaluation.quality.resolve_metrics checks the names.
-QUALITY_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae", "lpips", "fid2d", "fid3d", "mmd", "diversity")
+QUALITY_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae", "lpips", "fid2d", "fid3d", "fid3d_random", "mmd",
+                   "diversity")
 
 
 def _quality_parser(kinds) -> None:
@@ -51,6 +52,8 @@ def _quality_parser(kinds) -> None:
     p.add_argument("--data-range", type=float, help="intensity range for SSIM/PSNR (default: each real "
                                                     "volume's max - min)")
     p.add_argument("--mask", choices=["foreground"], help="SSIM/PSNR/RMSE/MAE inside label > 0 only")
+    p.add_argument("--ssim-window", type=int, default=7,
+                   help="Gaussian SSIM window (default 7; 11 to compare with most published numbers)")
     p.add_argument("--inception", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "
                                        "default: the torch hub cache")
     p.add_argument("--medicalnet", help="MedicalNet ResNet checkpoint for 3D FID / MMD features")
@@ -82,10 +85,17 @@ def _segmentation_parser(kinds) -> None:
                                               "training label maps with the same case ID)")
     p.add_argument("--out", required=True, help="output folder (segmentation.json, figures/, report)")
     _overwrite_option(p)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-minutes", type=float, help="total training time, split among protocols (default 10)")
-    budget.add_argument("--epochs", type=int, help="epochs per protocol (reproducible, instead of a time budget)")
-    p.add_argument("--protocols", help="comma-separated subset of real,real+synthetic,synthetic (default all that can run)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="training steps per network (default 400; the same for every "
+                                                  "network, so results are reproducible and comparable)")
+    length.add_argument("--epochs", type=int, help="epochs per network instead (ceil(n_train / batch) steps each)")
+    length.add_argument("--budget-minutes", type=float, help="total wall-clock training time instead, split among "
+                                                             "networks (NOT reproducible: depends on the machine's load)")
+    p.add_argument("--protocols", help="comma-separated subset of real,real+synthetic,synthetic,augmentation "
+                                       "(default: the first three, those that can run)")
+    p.add_argument("--augmentation-sizes", default="2,4,8,all",
+                   help="numbers of real training cases for the augmentation study (default 2,4,8,all)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for the segmenter (fixed: results depend on it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="training patch and sliding-window size (multiples of 8; default: volume size, at most 96)")
@@ -96,16 +106,23 @@ def _segmentation_parser(kinds) -> None:
 
 def _privacy_parser(kinds) -> None:
     p = kinds.add_parser("privacy", help="memorisation audit: are synthetic volumes copies of training ones?",
-                         description="Flag synthetic volumes closer to a training volume than any two "
-                                     "real training volumes are to each other.")
+                         description="Flag synthetic volumes closer to a training volume than held-out real "
+                                     "patients are. Label-conditioned samples (named CASE_sample<k> after the "
+                                     "case of their label map) are compared by label-conditional residuals "
+                                     "(what the map does not explain), so shared anatomy is not taken for "
+                                     "copying; unconditional samples by nearest-neighbour image similarity.")
     p.add_argument("--train", required=True, help="training volumes (the generator's training set): a flat "
                                                   "folder, or a dataset (its training split)")
+    p.add_argument("--held-out", help="real cases never trained on (images + label maps): calibrate the threshold")
     p.add_argument("--synthetic", required=True, help="synthetic volumes")
+    p.add_argument("--mode", choices=["auto", "conditional", "nearest"], default="auto",
+                   help="conditional: residual audit (needs --held-out and samples named after label-map cases); "
+                        "nearest: image similarity; auto (default): conditional when possible")
     p.add_argument("--out", required=True, help="output folder (privacy.json, figures/, report)")
     _overwrite_option(p)
-    p.add_argument("--similarity", choices=["ncc", "ssim"], default="ncc")
-    p.add_argument("--quantile", type=float, help="threshold = this quantile of real-to-real similarities "
-                                                  "(default: their maximum)")
+    p.add_argument("--similarity", choices=["ncc", "ssim"], default="ncc", help="nearest mode only")
+    p.add_argument("--quantile", type=float, help="threshold = this quantile of the held-out (else real-to-real) "
+                                                  "similarities (default: their maximum)")
     p.add_argument("--mask", choices=["foreground"], help="compare inside the training label maps' foreground")
     add_dataset_options(p, "--train")
     p.set_defaults(func=_run_privacy)
@@ -140,7 +157,7 @@ def _run_quality(args: argparse.Namespace) -> int:
                                 inception=args.inception, medicalnet=args.medicalnet,
                                 lpips_backbone=args.lpips_backbone, lpips_heads=args.lpips_heads,
                                 lpips_net=args.lpips_net, device=args.device, fid_slices=args.fid_slices,
-                                unpaired=args.unpaired)
+                                unpaired=args.unpaired, ssim_window=args.ssim_window)
     for name, s in data["paired"]["summary"].items():
         print(f"{name:10s} {fmt(s['mean'])} ± {fmt(s['std'])} (n={s['n']})")
     for name, reason in data["skipped"].items():
@@ -158,30 +175,55 @@ def _run_segmentation(args: argparse.Namespace) -> int:
     same = Path(args.train_real).resolve() == Path(args.test_real).resolve()
     train_real = dataset_source(args.train_real, args, ("train", "val") if same else None)
     test_real = dataset_source(args.test_real, args, ("test",) if same else None)
+    sizes = [s.strip() for s in args.augmentation_sizes.split(",") if s.strip()]
+    config = {"threads": args.threads, "augmentation_sizes": [s if s == "all" else _int(s, "--augmentation-sizes")
+                                                              for s in sizes]}
     with _owned(args, args.train_real, args.test_real, args.synthetic, args.synthetic_train, args.synthetic_labels):
         data = evaluate_segmentation(train_real, test_real, args.synthetic, args.out,
                                      synthetic_labels=args.synthetic_labels, synthetic_train=args.synthetic_train,
-                                     protocols=protocols, epochs=args.epochs, budget_minutes=args.budget_minutes,
-                                     seed=args.seed, patch=args.patch, device=args.device)
+                                     protocols=protocols, steps=args.steps, epochs=args.epochs,
+                                     budget_minutes=args.budget_minutes, seed=args.seed, patch=args.patch,
+                                     device=args.device, config=config)
     gap = data["domain_gap"]
     if gap:
-        print(f"Dice real {fmt(gap['dice_real'])}, synthetic {fmt(gap['dice_synthetic'])}, "
+        print(f"per-case mean Dice real {fmt(gap['dice_real'])}, synthetic {fmt(gap['dice_synthetic'])}, "
               f"ratio {fmt(gap['ratio'])}")
     for name, res in data["protocols"].items():
-        print(f"trained on {name}: Dice on real test images {fmt(res['tests']['real']['mean']['dice'])}")
+        print(f"trained on {name}: per-case mean Dice on real test images {_with_ci(res['tests']['real']['case_mean'])}"
+              f" (pooled {fmt(res['tests']['real']['mean']['dice'])})")
+    for row in (data.get("augmentation") or {}).get("rows", []):
+        what = f"{row['n_real']} real" + (" + synthetic" if row["synthetic"] else "") if row["n_real"] else "synthetic only"
+        print(f"augmentation, {what}: {_with_ci(row['case_mean'])}")
     _finish(args.out)
     return 0
+
+
+def _int(text: str, option: str) -> int:
+    from medlsdm.errors import MedlsdmError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise MedlsdmError(f"{option}: {text!r} is not a whole number or 'all'") from None
+
+
+def _with_ci(summary: dict) -> str:
+    from medlsdm.evaluation.report import fmt
+
+    return f"{fmt(summary['mean'])} [{fmt(summary['ci_low'], 3)}, {fmt(summary['ci_high'], 3)}] (n={summary['n']})"
 
 
 def _run_privacy(args: argparse.Namespace) -> int:
     from medlsdm.evaluation.audit import audit_folders
     from medlsdm.evaluation.report import fmt
 
-    with _owned(args, args.train, args.synthetic):
+    with _owned(args, args.train, args.synthetic, args.held_out):
         result = audit_folders(dataset_source(args.train, args, ("train",)), args.synthetic, args.out,
-                               similarity=args.similarity, quantile=args.quantile, mask=args.mask)
-    print(f"{result['n_flagged']} of {result['n_synthetic']} synthetic volumes flagged "
-          f"(threshold {fmt(result['threshold'])}, {result['threshold_rule']})")
+                               held_out=args.held_out, mode=args.mode, similarity=args.similarity,
+                               quantile=args.quantile, mask=args.mask)
+    print(f"{result['mode']} audit: {result['n_flagged']} of {result['n_synthetic']} synthetic volumes flagged "
+          f"(threshold {fmt(result['threshold'])}, {result['threshold_rule']}; held-out baseline rate "
+          f"{fmt(result.get('baseline_rate'))})")
     _finish(args.out)
     return 0
 

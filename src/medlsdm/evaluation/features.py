@@ -1,4 +1,5 @@
-"""Feature extractors for FID: Inception-v3 on 2D slices, MedicalNet 3D ResNets on volumes.
+"""Feature extractors for FID: Inception-v3 on 2D slices, MedicalNet 3D ResNets on volumes, and
+a fixed random 3D CNN (no weights to download) so that a 3D distribution metric is always there.
 
 Both networks are defined here in plain torch (torchvision does not import beside this torch
 build) with the module names of the published weights, so their state dicts load by key:
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -34,7 +34,7 @@ from medlsdm.files import atomic_output, ensure_writable_dir
 __all__ = [
     "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "default_inception_path", "InceptionV3",
     "InceptionFeatureExtractor", "MedicalNetResNet", "MedicalNetFeatureExtractor",
-    "slices_for_fid", "FeatureCache",
+    "slices_for_fid", "FeatureCache", "RandomConv3DFeatures", "inception_from_torchscript",
 ]
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -199,23 +199,31 @@ def default_inception_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
-def _is_torchscript(path: Path) -> bool:
-    # TorchScript archives are zip files holding constants.pkl (the check torch.load itself uses).
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(name.endswith("constants.pkl") for name in zf.namelist())
-
-
-def _load_state_dict_file(path: Path, what: str) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickled code refused by weights_only, ...
-        raise MedlsdmError(f"{path}: cannot read {what} weights ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if not isinstance(obj, Mapping):
-        raise MedlsdmError(f"{path}: {what} weights file does not hold a state dict")
-    return dict(obj)
+def inception_from_torchscript(module) -> dict:
+    """State dict for ``InceptionV3`` from NVIDIA's TorchScript FID Inception (allow-listed by
+    hash in ``medlsdm.pretrained``): its 94 convolutions carry ``weight``, ``beta``, ``mean``,
+    ``var`` (TensorFlow batch norm without scale), in the same order as ``InceptionV3``'s
+    ``BasicConv2d`` modules; shapes are checked one by one. The converted network reproduces the
+    TorchScript one to about 1e-6 (tests/test_pretrained.py, with the real file)."""
+    theirs = module.state_dict()
+    template = InceptionV3().state_dict()
+    ours = [k[:-len("conv.weight")] for k in template if k.endswith("conv.weight")]
+    convs = [k[:-len("weight")] for k in theirs if k.endswith(".weight")]
+    if len(ours) != len(convs):
+        raise MedlsdmError(f"TorchScript Inception has {len(convs)} convolutions, expected {len(ours)}")
+    state = {}
+    for mine, src in zip(ours, convs):
+        weight = theirs[src + "weight"]
+        if weight.shape != template[mine + "conv.weight"].shape:
+            raise MedlsdmError(f"TorchScript Inception layer {src} has shape {tuple(weight.shape)}, "
+                               f"expected {tuple(template[mine + 'conv.weight'].shape)}")
+        state[mine + "conv.weight"] = weight
+        state[mine + "bn.weight"] = torch.ones_like(theirs[src + "beta"])
+        state[mine + "bn.bias"] = theirs[src + "beta"]
+        state[mine + "bn.running_mean"] = theirs[src + "mean"]
+        state[mine + "bn.running_var"] = theirs[src + "var"]
+        state[mine + "bn.num_batches_tracked"] = torch.tensor(0)
+    return state
 
 
 def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
@@ -229,11 +237,10 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
 class InceptionFeatureExtractor:
     """2048-d Inception pool features of 2D images in [0, 1].
 
-    ``weights``: a pytorch-fid state dict (loaded strictly by key; ``fc.*``/``AuxLogits.*`` keys
-    are dropped) or a TorchScript file (detected by its archive layout) that maps a float tensor
-    (N, 3, 299, 299) to (N, F) features; the script receives the images mapped linearly from
-    [0, 1] to ``script_input_range`` (default [-1, 1], what the FID network expects; use (0, 255)
-    for scripts that normalise themselves). None: ``default_inception_path()``.
+    ``weights``: a file of the ``inception-fid`` network (``medlsdm.pretrained``): pytorch-fid's
+    state dict (``fc.*``/``AuxLogits.*`` keys dropped), the safetensors conversion written by
+    ``medlsdm weights import``, or the allow-listed TorchScript port (converted to a state dict on
+    load; any other TorchScript file is refused). None: searched in the torch hub cache.
 
     Calling with images (N, H, W), (N, 1, H, W) or (N, 3, H, W) in [0, 1] — numpy or torch —
     resizes them to 299×299 (bilinear, as pytorch-fid), repeats grey to 3 channels, maps to
@@ -242,29 +249,21 @@ class InceptionFeatureExtractor:
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 32, script_input_range: tuple[float, float] = (-1.0, 1.0)):
-        path = Path(weights) if weights is not None else default_inception_path()
-        if not path.is_file():
-            raise MedlsdmError(f"{path}: Inception FID weights not found; download "
-                               f"{INCEPTION_WEIGHTS_URL} to that path (or pass its location)")
-        self.path, self.device, self.batch_size = path, torch.device(device), int(batch_size)
-        self.script_input_range = tuple(float(v) for v in script_input_range)
-        self.is_script = _is_torchscript(path)
-        if self.is_script:
-            self.model = torch.jit.load(str(path), map_location=self.device)
-        else:
-            state = _load_state_dict_file(path, "Inception")
-            state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}
-            self.model = InceptionV3()
-            _load_strict(self.model, state, path, "FID Inception-v3")
-            self.model.to(self.device)
-        self.model.eval()
+                 batch_size: int = 32):
+        from medlsdm.pretrained import load_weights
+
+        loaded = load_weights("inception-fid", weights, convert=inception_from_torchscript)
+        state = {k: v for k, v in loaded.state.items() if not k.startswith(("fc.", "AuxLogits."))}
+        self.path, self.device, self.batch_size = loaded.path, torch.device(device), int(batch_size)
+        self.provenance = loaded.provenance()
+        self.model = InceptionV3()
+        _load_strict(self.model, state, loaded.path, "FID Inception-v3")
+        self.model.to(self.device).eval()
 
     @property
     def name(self) -> str:
         """Identifies the extractor (network + weights file) for ``FeatureCache``."""
-        kind = "inception-script" if self.is_script else "inception-fid"
-        return f"{kind}:{self.path.name}:{self.path.stat().st_size}"
+        return f"inception-fid:{self.provenance['sha256'][:16]}"
 
     def _prepare(self, images) -> torch.Tensor:
         t = images.detach() if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
@@ -282,12 +281,11 @@ class InceptionFeatureExtractor:
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
         t = self._prepare(images)
-        lo, hi = self.script_input_range if self.is_script else (-1.0, 1.0)
         out = []
         for start in range(0, t.shape[0], self.batch_size):
             batch = t[start:start + self.batch_size].to(self.device)
             batch = F.interpolate(batch, size=(299, 299), mode="bilinear", align_corners=False)
-            batch = batch.expand(-1, 3, -1, -1) * (hi - lo) + lo
+            batch = batch.expand(-1, 3, -1, -1) * 2.0 - 1.0
             out.append(self.model(batch).reshape(batch.shape[0], -1).double().cpu())
         if not out:
             return np.zeros((0, InceptionV3.FEATURE_DIM))
@@ -395,10 +393,9 @@ class MedicalNetResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool3d(x, 1), 1)
 
 
-def _medicalnet_state(path: Path) -> dict:
+def _medicalnet_state(obj: Mapping, path: Path) -> dict:
     """Backbone state dict from a MedicalNet checkpoint ({"state_dict": ...} or bare, with or
     without DataParallel's ``module.`` prefix); the segmentation head ``conv_seg.*`` is dropped."""
-    obj = _load_state_dict_file(path, "MedicalNet")
     state = obj.get("state_dict", obj)
     if not isinstance(state, Mapping):
         raise MedlsdmError(f"{path}: 'state_dict' entry is not a state dict")
@@ -432,11 +429,15 @@ class MedicalNetFeatureExtractor:
 
     def __init__(self, weights: str | os.PathLike, depth: int | None = None,
                  device: str | torch.device = "cpu", zscore: bool = True):
+        from medlsdm.pretrained import load_weights
+
         path = Path(weights)
         if not path.is_file():
             raise MedlsdmError(f"{path}: MedicalNet weights not found; download a pretrained "
                                f"ResNet from {MEDICALNET_URL} to that path")
-        state = _medicalnet_state(path)
+        loaded = load_weights("medicalnet", path)
+        self.provenance = loaded.provenance()
+        state = _medicalnet_state(loaded.state, path)
         found_depth, shortcut = _infer_resnet_config(state, path)
         if depth is not None and depth != found_depth:
             raise MedlsdmError(f"{path}: holds a ResNet-{found_depth}, not the requested ResNet-{depth}")
@@ -447,7 +448,7 @@ class MedicalNetFeatureExtractor:
 
     @property
     def name(self) -> str:
-        return f"medicalnet-resnet{self.model.depth}:{self.path.name}:{self.path.stat().st_size}:z{int(self.zscore)}"
+        return f"medicalnet-resnet{self.model.depth}:{self.provenance['sha256'][:16]}:z{int(self.zscore)}"
 
     def _prepare(self, volume) -> torch.Tensor:
         t = volume.detach() if isinstance(volume, torch.Tensor) else torch.as_tensor(np.asarray(volume))
@@ -466,6 +467,53 @@ class MedicalNetFeatureExtractor:
         if not feats:
             return np.zeros((0, self.model.feature_dim))
         return torch.cat(feats).numpy()
+
+
+# ============================================================================ offline 3D features
+
+class RandomConv3DFeatures:
+    """Features of a fixed, untrained random 3D CNN — a 3D distribution metric that needs no
+    downloaded weights (MedicalNet has no offline source). It knows nothing of anatomy: its
+    Fréchet distance compares the statistics of local 3D patterns at four scales, and is
+    comparable only with numbers from this same network (``name`` carries its weights' hash).
+
+    Four stride-2 3×3×3 convolutions (1→16→32→64→128 channels, ReLU); the feature vector is each
+    stage's per-channel mean and standard deviation over space (480 values). Weights: He-scaled
+    normal draws from numpy's PCG64 with ``seed`` (reproducible across machines and torch
+    versions), biases 0. Input: a volume (D, H, W) in [0, 1] (the caller's intensity mapping).
+    """
+
+    CHANNELS = (16, 32, 64, 128)
+
+    def __init__(self, seed: int = 0, device: str | torch.device = "cpu"):
+        rng = np.random.default_rng(seed)
+        self.device = torch.device(device)
+        self.weights, cin = [], 1
+        for cout in self.CHANNELS:
+            w = rng.standard_normal((cout, cin, 3, 3, 3)) * np.sqrt(2.0 / (cin * 27))
+            self.weights.append(torch.from_numpy(w.astype(np.float32)).to(self.device))
+            cin = cout
+        digest = hashlib.sha256(b"".join(w.cpu().numpy().tobytes() for w in self.weights)).hexdigest()
+        self.seed = seed
+        self.provenance = {"network": "random-3d-cnn", "seed": seed, "sha256": digest, "verified": True,
+                           "format": "generated (untrained)"}
+        self.feature_dim = 2 * sum(self.CHANNELS)
+
+    @property
+    def name(self) -> str:
+        return f"random-3d-cnn-seed{self.seed}:{self.provenance['sha256'][:16]}"
+
+    @torch.no_grad()
+    def __call__(self, volumes) -> np.ndarray:
+        feats = []
+        for volume in volumes:
+            x = torch.as_tensor(np.asarray(volume, dtype=np.float32), device=self.device)[None, None]
+            parts = []
+            for w in self.weights:
+                x = F.relu(F.conv3d(x, w, stride=2, padding=1))
+                parts += [x.mean((2, 3, 4)), x.std((2, 3, 4), unbiased=False)]
+            feats.append(torch.cat(parts, 1).double().cpu())
+        return torch.cat(feats).numpy() if feats else np.zeros((0, self.feature_dim))
 
 
 # ============================================================================ slices and cache

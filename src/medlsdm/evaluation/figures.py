@@ -50,7 +50,7 @@ def save_panel_rows(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]
 
 def similarity_histogram(path: str | os.PathLike, real_values: Sequence[float | None],
                          synthetic_values: Sequence[float | None], threshold: float,
-                         similarity: str) -> Path:
+                         similarity: str, real_label: str = "real to nearest other real") -> Path:
     """Histogram of real-to-real vs synthetic-to-train nearest similarities with the threshold."""
     import matplotlib
 
@@ -64,7 +64,7 @@ def similarity_histogram(path: str | os.PathLike, real_values: Sequence[float | 
     both = np.concatenate([real, syn, [threshold]])
     bins = np.linspace(both.min(), both.max() + 1e-9, 31)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.hist(real, bins=bins, alpha=0.6, label=f"real to nearest other real (n={len(real)})", color="tab:blue")
+    ax.hist(real, bins=bins, alpha=0.6, label=f"{real_label} (n={len(real)})", color="tab:blue")
     ax.hist(syn, bins=bins, alpha=0.6, label=f"synthetic to nearest training (n={len(syn)})", color="tab:orange")
     ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.4g}")
     ax.set_xlabel(f"nearest-neighbour similarity ({similarity})")

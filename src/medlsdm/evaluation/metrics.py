@@ -399,3 +399,24 @@ def mmd(x_features, y_features, kernel: str = "rbf", bandwidth: float | None = N
     within_x = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
     within_y = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
     return float(within_x + within_y - 2 * kxy.mean())
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+def bootstrap_mean_ci(values, level: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of the finite ``values`` with a percentile-bootstrap confidence interval
+    (``scipy.stats.bootstrap``, seeded): ``{"mean", "ci_low", "ci_high", "n", "level"}``.
+    The interval is NaN for fewer than 2 values, and collapses onto the mean when all are equal."""
+    from scipy.stats import bootstrap
+
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    out = {"mean": float(arr.mean()) if arr.size else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "n": int(arr.size), "level": level}
+    if arr.size >= 2 and np.ptp(arr) == 0:
+        out["ci_low"] = out["ci_high"] = out["mean"]
+    elif arr.size >= 2:
+        res = bootstrap((arr,), np.mean, confidence_level=level, n_resamples=n_resamples, method="percentile",
+                        vectorized=True, rng=np.random.default_rng(seed))
+        out["ci_low"], out["ci_high"] = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return out

@@ -6,7 +6,8 @@
   data. With ``mask="foreground"`` SSIM, PSNR, RMSE and MAE are computed inside the real case's
   label map > 0; MS-SSIM (its pooling needs whole volumes) and LPIPS stay whole-volume.
 * **Distributional** (all real vs all synthetic volumes of the two folders; pairing not needed):
-  2D FID of Inception features of slices along each axis, 3D FID of MedicalNet features, MMD²
+  2D FID of Inception features of slices along each axis, 3D FID of MedicalNet features (when
+  the user has its weights) and of a fixed random 3D CNN (always; no weights needed), MMD²
   (RBF kernel, median bandwidth) on the MedicalNet features — or, without MedicalNet, on
   intensities average-pooled to 8³ per channel (a feature-free comparison of coarse anatomy and
   contrast). For slices and pooled intensities every volume is mapped to [0, 1] with the real
@@ -48,7 +49,7 @@ __all__ = ["QUALITY_METRICS", "PAIRED_METRICS", "resolve_metrics", "paired_metri
 log = logging.getLogger(__name__)
 
 PAIRED_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae")
-QUALITY_METRICS = PAIRED_METRICS + ("lpips", "fid2d", "fid3d", "mmd", "diversity")
+QUALITY_METRICS = PAIRED_METRICS + ("lpips", "fid2d", "fid3d", "fid3d_random", "mmd", "diversity")
 LPIPS_NETS = ("vgg", "alex")
 MMD_POOL = 8           # side of the pooled intensity grid for feature-free MMD
 FID_AXES = ("D", "H", "W")
@@ -69,11 +70,12 @@ def resolve_metrics(metrics: Sequence[str] | str | None) -> tuple[list[str], boo
 # ----------------------------------------------------------------------------- paired
 
 def paired_metrics(real: np.ndarray, fake: np.ndarray, data_range: float, mask=None,
-                   names: Sequence[str] = PAIRED_METRICS) -> dict[str, float]:
+                   names: Sequence[str] = PAIRED_METRICS, ssim_window: int = 7) -> dict[str, float]:
     """The named voxel metrics of one pair (C, X, Y, Z) on ``data_range``; ``mask`` (X, Y, Z)
-    restricts SSIM, PSNR, RMSE and MAE."""
+    restricts SSIM, PSNR, RMSE and MAE. ``ssim_window``: Gaussian SSIM window (7 here by default;
+    11 as in most papers and scikit-image's ``gaussian_weights=True``)."""
     fns: dict[str, Callable[[], float]] = {
-        "ssim": lambda: M.ssim3d(real, fake, data_range, mask=mask),
+        "ssim": lambda: M.ssim3d(real, fake, data_range, win_size=ssim_window, mask=mask),
         "ms_ssim": lambda: M.ms_ssim3d(real, fake, data_range),
         "psnr": lambda: M.psnr(real, fake, data_range, mask=mask),
         "rmse": lambda: M.rmse(real, fake, mask=mask),
@@ -158,9 +160,10 @@ class _Distribution:
     """Per-volume features (cached in OUT/cache) for 2D FID, 3D FID and MMD."""
 
     def __init__(self, cache, ranges: np.ndarray, inception=None, medicalnet=None, fid_slices: int = 32,
-                 fid_axes: Sequence[str] = FID_AXES):
+                 fid_axes: Sequence[str] = FID_AXES, random3d=None):
         self.cache, self.ranges = cache, ranges
         self.inception, self.medicalnet, self.fid_slices = inception, medicalnet, fid_slices
+        self.random3d = random3d
         self.fid_axes = tuple(fid_axes)
 
     def _unit(self, array: np.ndarray) -> np.ndarray:
@@ -188,6 +191,13 @@ class _Distribution:
             params = {"axis": axis, "n": self.fid_slices, "ranges": self.ranges.tolist(), "skip_blank": True}
             out[axis] = self.cache.load_or_compute(files.images[0], self.inception.name, compute, params)
         return out
+
+    def random_features(self, files: VolumeFiles, array: np.ndarray) -> np.ndarray:
+        unit = self._unit(array)
+        return self.cache.load_or_compute(
+            files.images[0], self.random3d.name, lambda: np.concatenate([self.random3d([_display_layout(c)])[0]
+                                                                         for c in unit]),
+            {"ranges": self.ranges.tolist()})
 
     def volume_features(self, files: VolumeFiles, array: np.ndarray) -> np.ndarray:
         return self.cache.load_or_compute(
@@ -239,7 +249,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
                      lpips_heads: str | os.PathLike | None = None, lpips_net: str | None = None,
                      device: str = "cpu",
                      fid_slices: int = 32, fid_axes: Sequence[str] = FID_AXES, max_pairs: int = 50,
-                     figures: bool = True, unpaired: bool = False,
+                     figures: bool = True, unpaired: bool = False, ssim_window: int = 7,
                      progress: bool = True) -> dict:
     """Evaluate ``synthetic`` against ``real``; write OUT/metrics.json and figures; return the dict.
 
@@ -257,6 +267,8 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
         raise MedlsdmError(f"--mask: only 'foreground' is supported, got {mask!r}")
     if data_range is not None and not (np.isfinite(data_range) and data_range > 0):
         raise MedlsdmError(f"--data-range must be a positive number, got {data_range}")
+    if ssim_window < 3 or ssim_window % 2 == 0:
+        raise MedlsdmError(f"--ssim-window must be an odd number >= 3, got {ssim_window}")
     out_dir = ensure_writable_dir(out_dir)
     if Path(real).resolve() == Path(synthetic).resolve():
         log.warning("--real and --synthetic are the same folder: every paired score is perfect by construction")
@@ -291,7 +303,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
                                 f"{pair.real.display} has {real_arr.shape[0]}")
             row = {"case_id": case_id, "sample": pair.sample, "synthetic": pair.synthetic.display,
                    "data_range": dr}
-            row.update(_paired_row(real_arr, fake, dr, fg, want_paired, explicit, skipped))
+            row.update(_paired_row(real_arr, fake, dr, fg, want_paired, explicit, skipped, ssim_window))
             if lpips is not None:
                 row.update(lpips(real_arr, fake, lo, hi))
             per_case.append(row)
@@ -320,6 +332,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
     if "diversity" in names:
         data["diversity"] = _diversity(real_files, diversity_per_case, ranges, max_pairs, explicit, skipped)
     data["skipped"] = skipped
+    data["settings"] = metric_settings(data, ssim_window, lpips, fid_slices, fid_axes)
     if figures:
         data["figures"] = _unpaired_figures(out_dir, syn_files) if unpaired else \
             _quality_figures(out_dir, pairing, max_cases=4)
@@ -327,6 +340,35 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
         data["figures"] = []
     write_json(out_dir / "metrics.json", M.json_safe(data, nonfinite="string"))
     return data
+
+
+def metric_settings(data: dict, ssim_window: int, lpips, fid_slices: int, fid_axes: Sequence[str]) -> dict:
+    """Every setting a reader needs to compare these numbers with others' (recorded in
+    metrics.json and shown in the report)."""
+    dist = data.get("distribution", {})
+    out = {
+        "ssim": {"window": ssim_window, "window_shape": "Gaussian", "sigma": M.SSIM_SIGMA, "k1": M.K1, "k2": M.K2,
+                 "covariance": "population", "region": "valid (volume cropped by (window-1)/2)",
+                 "note": "window 11 = scikit-image gaussian_weights=True and most papers"},
+        "ms_ssim": {"weights": list(M.MS_SSIM_WEIGHTS), "rule": "5 scales with the largest window in (7, 5, 3) "
+                                                                "that fits the coarsest scale, else fewer scales"},
+        "data_range_rule": data.get("data_range_rule"),
+        "psnr": "10 log10(data_range^2 / MSE)",
+        "mask": data.get("mask"),
+    }
+    if lpips is not None:
+        out["lpips"] = {"version": "0.1", "slices": "every slice along D, H and W",
+                        "input": "both volumes mapped with the real volume's min/max to [-1, 1]",
+                        "networks": {name: net.provenance for name, net in lpips.nets.items()}}
+    if dist.get("fid2d"):
+        out["fid2d"] = {"axes": list(fid_axes), "slices_per_axis": f"at most {fid_slices} per axis, channel and "
+                                                                    "volume, evenly spaced; blank slices dropped",
+                        "intensity": "real folder's global min/max per channel -> [0, 1], same for synthetic",
+                        "resize": "bilinear to 299 x 299", "network": dist["fid2d"].get("weights")}
+    for key in ("fid3d", "fid3d_random"):
+        if dist.get(key):
+            out[key] = {"features": dist[key].get("features"), "network": dist[key].get("weights")}
+    return out
 
 
 def _foreground(files: VolumeFiles, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -337,13 +379,13 @@ def _foreground(files: VolumeFiles, image: np.ndarray, affine: np.ndarray) -> np
     return label > 0
 
 
-def _paired_row(real, fake, dr, fg, names, explicit, skipped) -> dict:
+def _paired_row(real, fake, dr, fg, names, explicit, skipped, ssim_window) -> dict:
     row = {}
     for name in names:
         if name in skipped:
             continue
         try:
-            row.update(paired_metrics(real, fake, dr, fg, [name]))
+            row.update(paired_metrics(real, fake, dr, fg, [name], ssim_window))
         except DataError as exc:  # e.g. MS-SSIM on a volume too small for it
             if explicit:
                 raise
@@ -403,9 +445,9 @@ def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_d
     from tqdm.auto import tqdm
 
     from medlsdm.evaluation.features import (FeatureCache, InceptionFeatureExtractor,
-                                             MedicalNetFeatureExtractor)
+                                             MedicalNetFeatureExtractor, RandomConv3DFeatures)
 
-    wanted = [m for m in ("fid2d", "fid3d", "mmd") if m in names]
+    wanted = [m for m in ("fid2d", "fid3d", "fid3d_random", "mmd") if m in names]
     if not wanted:
         return {}
     if min(len(real_files), len(syn_files)) < 2:
@@ -432,7 +474,8 @@ def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_d
     bad_axes = [a for a in fid_axes if a not in FID_AXES]
     if bad_axes or not fid_axes:
         raise MedlsdmError(f"FID slice axes must be among {', '.join(FID_AXES)}, got {list(fid_axes)}")
-    dist = _Distribution(FeatureCache(out_dir / "cache"), ranges, inc, med, fid_slices, fid_axes)
+    dist = _Distribution(FeatureCache(out_dir / "cache"), ranges, inc, med, fid_slices, fid_axes,
+                         RandomConv3DFeatures(device=device) if "fid3d_random" in wanted else None)
     feats = {"real": defaultdict(list), "synthetic": defaultdict(list)}
     for side, files_map in (("real", real_files), ("synthetic", syn_files)):
         for files in tqdm(files_map.values(), desc=f"features ({side})", disable=not progress, leave=False):
@@ -443,14 +486,22 @@ def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_d
                 feats[side]["slices"].append(dist.slice_features(files, arr))
             if med is not None:
                 feats[side]["medicalnet"].append(dist.volume_features(files, arr))
+            if dist.random3d is not None:
+                feats[side]["random3d"].append(dist.random_features(files, arr))
             if "mmd" in wanted and med is None:
                 feats[side]["pooled"].append(dist.pooled_intensities(arr))
     out = {"n_real": len(real_files), "n_synthetic": len(syn_files)}
     if inc is not None:
-        out["fid2d"] = _fid_block(feats["real"]["slices"], feats["synthetic"]["slices"], inc.name)
+        out["fid2d"] = {**_fid_block(feats["real"]["slices"], feats["synthetic"]["slices"], inc.name),
+                        "weights": inc.provenance}
     if med is not None and "fid3d" in wanted:
         out["fid3d"] = {"value": M.fid_from_features(feats["real"]["medicalnet"], feats["synthetic"]["medicalnet"]),
-                        "features": med.name}
+                        "features": med.name, "weights": med.provenance}
+    if dist.random3d is not None:
+        out["fid3d_random"] = {"value": M.fid_from_features(feats["real"]["random3d"], feats["synthetic"]["random3d"]),
+                               "features": dist.random3d.name + " (untrained random 3D CNN, no pretrained "
+                                                                "knowledge; compare only with the same network)",
+                               "weights": dist.random3d.provenance}
     if "mmd" in wanted:
         key, what = ("medicalnet", med.name) if med is not None else \
             ("pooled", f"intensities average-pooled to {MMD_POOL}^3 per channel (no feature network)")

@@ -7,11 +7,15 @@ into sections and writes both documents, so running the three commands into one 
 order) and then calling ``build_report`` — the commands do it themselves — gives one report.
 Rendering reads only the JSON files, never the volumes, so the report can be rebuilt anywhere.
 
-Both documents reference the PNG files relatively: keep the folder together when sharing it.
+report.html is self-contained (figures embedded as data URIs): it can be copied or mailed alone.
+report.md references the PNG files relatively. Other parts of the package add their own blocks
+through ``build_report(out_dir, extra_sections=[Section(..., [HtmlBlock(html, markdown)])])``
+(e.g. an interactive volume viewer); they appear after the evaluation sections.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 import os
@@ -23,7 +27,7 @@ from medlsdm.errors import MedlsdmError
 from medlsdm.files import atomic_output, ensure_writable_dir, read_json
 from medlsdm.evaluation.viewer import report_viewer
 
-__all__ = ["Text", "Table", "Figure", "Html", "Section", "SECTION_FILES", "fmt", "write_report",
+__all__ = ["Text", "Table", "Figure", "HtmlBlock", "Section", "SECTION_FILES", "fmt", "write_report",
            "build_report", "quality_section", "segmentation_section", "privacy_section",
            "label_edit_section"]
 
@@ -47,13 +51,15 @@ class Figure:
 
 
 @dataclass
-class Html:
-    """A block for report.html only (the interactive viewer); report.md shows ``fallback``."""
+class HtmlBlock:
+    """A trusted HTML fragment made by the package itself (never user text), with the Markdown
+    shown in report.md instead. The place for interactive additions such as a volume viewer."""
+
     html: str
-    fallback: str = ""
+    markdown: str = ""
 
 
-Block = Union[Text, Table, Figure, Html]
+Block = Union[Text, Table, Figure, HtmlBlock]
 
 
 @dataclass
@@ -113,9 +119,16 @@ def _markdown(sections: Sequence[Section], title: str) -> str:
                 lines += [f"![{block.caption}]({block.path})", ""]
                 if block.caption:
                     lines += [f"*{block.caption}*", ""]
-            elif isinstance(block, Html) and block.fallback:
-                lines += [block.fallback, ""]
+            elif isinstance(block, HtmlBlock) and block.markdown:
+                lines += [block.markdown, ""]
     return "\n".join(lines)
+
+
+def _data_uri(path: Path) -> str:
+    """The picture embedded in the page, so report.html needs no other file."""
+    kind = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+            ".svg": "image/svg+xml"}.get(path.suffix.lower(), "application/octet-stream")
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
 _CSS = """
@@ -131,7 +144,7 @@ figcaption { font-style: italic; color: #555; }
 """
 
 
-def _html(sections: Sequence[Section], title: str) -> str:
+def _html(sections: Sequence[Section], title: str, out_dir: Path) -> str:
     esc = html.escape
     out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{esc(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
@@ -149,9 +162,10 @@ def _html(sections: Sequence[Section], title: str) -> str:
                         for row in block.rows]
                 out.append("</table>")
             elif isinstance(block, Figure):
-                out.append(f"<figure><img src='{esc(block.path, quote=True)}' alt='{esc(block.caption, quote=True)}'>"
+                out.append(f"<figure><img src='{_data_uri(out_dir / block.path)}' "
+                           f"alt='{esc(block.caption, quote=True)}'>"
                            f"<figcaption>{esc(block.caption)}</figcaption></figure>")
-            elif isinstance(block, Html):
+            elif isinstance(block, HtmlBlock):
                 out.append(block.html)
     out.append("</body></html>")
     return "\n".join(out)
@@ -167,7 +181,7 @@ def write_report(out_dir: str | os.PathLike, sections: Sequence[Section],
             if isinstance(block, Figure) and not (out_dir / block.path).is_file():
                 raise MedlsdmError(f"{out_dir / block.path}: report figure is missing")
     md, page = out_dir / "report.md", out_dir / "report.html"
-    for path, text in ((md, _markdown(sections, title)), (page, _html(sections, title))):
+    for path, text in ((md, _markdown(sections, title)), (page, _html(sections, title, out_dir))):
         with atomic_output(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return md, page
@@ -226,7 +240,8 @@ def quality_section(data: dict, out_dir: str | os.PathLike) -> Section:
         for axis, value in fid2d.get("per_axis", {}).items():
             dist_rows.append([f"2D FID, slices along {axis}", value, fid2d.get("features", "")])
         dist_rows.append(["2D FID, mean over axes", fid2d.get("mean"), fid2d.get("features", "")])
-    for key, label in (("fid3d", "3D FID"), ("mmd", "MMD²")):
+    for key, label in (("fid3d", "3D FID (MedicalNet)"), ("fid3d_random", "3D FID (random 3D CNN, untrained)"),
+                       ("mmd", "MMD²")):
         if dist.get(key):
             dist_rows.append([label, dist[key].get("value"), dist[key].get("features", "")])
     if dist_rows:
@@ -242,8 +257,48 @@ def quality_section(data: dict, out_dir: str | os.PathLike) -> Section:
         if div.get("note"):
             sec.blocks.append(Text(div["note"]))
     sec.blocks += _skipped_table(data.get("skipped", {}))
+    sec.blocks += _settings_table(data.get("settings", {}))
     sec.blocks += _figures(data, out_dir)
     return sec
+
+
+def _settings_table(settings: dict) -> list[Block]:
+    """How every metric was computed (metrics.json ``settings``), so numbers can be compared."""
+    if not settings:
+        return []
+    rows = []
+    ssim = settings.get("ssim", {})
+    if ssim:
+        rows.append(["SSIM", f"{ssim.get('window_shape')} window {ssim.get('window')} voxels, sigma "
+                             f"{ssim.get('sigma')}, K1 {ssim.get('k1')}, K2 {ssim.get('k2')}, "
+                             f"{ssim.get('covariance')} covariances, {ssim.get('region')}"])
+    if settings.get("data_range_rule"):
+        rows.append(["data range (SSIM, PSNR)", settings["data_range_rule"]])
+    for name, net in (settings.get("lpips", {}).get("networks") or {}).items():
+        rows.append([f"LPIPS-{name}", f"v0.1, {settings['lpips'].get('slices')}; backbone {_weights(net['backbone'])}; "
+                                      f"heads {_weights(net['heads'])}"])
+    if settings.get("fid2d"):
+        f = settings["fid2d"]
+        rows.append(["2D FID", f"slices along {', '.join(f.get('axes', []))}: {f.get('slices_per_axis')}; "
+                               f"{f.get('intensity')}; {f.get('resize')}; Inception {_weights(f.get('network'))}"])
+    for key, label in (("fid3d", "3D FID (MedicalNet)"), ("fid3d_random", "3D FID (random 3D CNN)")):
+        if settings.get(key):
+            rows.append([label, f"{settings[key].get('features')}; {_weights(settings[key].get('network'))}"])
+    return [Table(["metric", "settings"], rows, "How the metrics were computed")] if rows else []
+
+
+def _weights(prov: dict | None) -> str:
+    if not prov:
+        return "–"
+    state = "verified" if prov.get("verified") else "UNVERIFIED"
+    return f"{prov.get('file', prov.get('network', ''))} sha256 {str(prov.get('sha256', ''))[:16]}… ({state})"
+
+
+def with_ci(summary: dict | None) -> str:
+    """'mean [low, high]' from a ``bootstrap_mean_ci`` summary."""
+    if not summary:
+        return "–"
+    return f"{fmt(summary.get('mean'))} [{fmt(summary.get('ci_low'), 3)}, {fmt(summary.get('ci_high'), 3)}]"
 
 
 SEG_SCORES = ("dice", "iou", "precision", "recall")
@@ -254,31 +309,49 @@ def segmentation_section(data: dict, out_dir: str | os.PathLike) -> Section:
     out_dir = Path(out_dir)
     sec = Section("Downstream segmentation")
     gap = data.get("domain_gap", {})
+    st = data.get("settings", {})
+    length = (f"{st.get('steps')} steps" if st.get("steps") else f"{st.get('epochs')} epochs" if st.get("epochs")
+              else f"a wall-clock budget of {st.get('budget_minutes')} min (not reproducible)")
     sec.blocks.append(Text(
-        f"A 3D U-Net trained on real images is tested on the real test images and on the synthetic "
-        f"images generated from the same test label maps (reference = the test label map). "
-        f"Foreground classes only (background excluded), scores pooled over test volumes. "
-        f"Dice real {fmt(gap.get('dice_real'))}, synthetic {fmt(gap.get('dice_synthetic'))}, "
-        f"ratio synthetic/real {fmt(gap.get('ratio'))} (1 = no domain gap)."))
+        f"A 3D U-Net is trained on real images and tested on the real test images and on the synthetic "
+        f"images generated from the same test label maps (reference = the test label map). Every network: "
+        f"{length}, seed {st.get('seed')}, {st.get('threads')} CPU threads, settings {st.get('network')}. "
+        f"Foreground classes only. Headline: per-case mean Dice (mean over test cases of each case's mean "
+        f"over classes) with a {st.get('confidence_interval', 'bootstrap confidence interval')}; the Dice of "
+        f"all test voxels pooled is shown beside it. Per-case mean Dice real {fmt(gap.get('dice_real'))}, "
+        f"synthetic {fmt(gap.get('dice_synthetic'))}, ratio synthetic/real {fmt(gap.get('ratio'))} "
+        f"(1 = no domain gap)."))
     rows = []
     for name, proto in data.get("protocols", {}).items():
         for test_name, res in proto.get("tests", {}).items():
             mean = res.get("mean", {})
             rows.append([name, test_name, proto.get("n_train_volumes"), res.get("n_volumes"),
-                         *[mean.get(s) for s in SEG_SCORES]])
+                         with_ci(res.get("case_mean")), *[mean.get(s) for s in SEG_SCORES]])
     if rows:
-        sec.blocks.append(Table(["trained on", "tested on", "train volumes", "test volumes", *SEG_SCORES],
+        sec.blocks.append(Table(["trained on", "tested on", "train volumes", "test volumes",
+                                 "per-case mean Dice [CI]", *[f"pooled {s}" for s in SEG_SCORES]],
                                 rows, "Mean over foreground classes"))
     class_names = data.get("class_names", {})
     for name, proto in data.get("protocols", {}).items():
         for test_name, res in proto.get("tests", {}).items():
             per = res.get("per_class", {})
+            case_mean = res.get("per_class_case_mean", {})
             if per:
                 sec.blocks.append(Table(
-                    ["class", *SEG_SCORES],
-                    [[f"{c} {class_names.get(str(c), '')}".strip(), *[s.get(k) for k in SEG_SCORES]]
-                     for c, s in per.items()],
+                    ["class", "per-case mean Dice [CI]", *[f"pooled {s}" for s in SEG_SCORES]],
+                    [[f"{c} {class_names.get(str(c), '')}".strip(), with_ci(case_mean.get(c, case_mean.get(str(c)))),
+                      *[v.get(k) for k in SEG_SCORES]] for c, v in per.items()],
                     f"Per class: trained on {name}, tested on {test_name}"))
+    study = data.get("augmentation")
+    if study and study.get("rows"):
+        sec.blocks.append(Text(
+            f"Augmentation study: networks trained on N real cases (nested seeded subsets of the training set), "
+            f"without and with the {study.get('n_synthetic_train')} synthetic training volumes (generated from "
+            f"non-test label maps), and on the synthetic volumes only; all tested on the real test cases."))
+        sec.blocks.append(Table(
+            ["real cases", "synthetic", "train volumes", "per-case mean Dice [CI]", "pooled Dice"],
+            [[r["n_real"] or "–", "yes" if r["synthetic"] else "no", r["n_train_volumes"], with_ci(r["case_mean"]),
+              r.get("pooled_dice")] for r in study["rows"]], "Augmentation study (Dice on real test cases)"))
     skipped = data.get("skipped_protocols", {})
     if skipped:
         sec.blocks.append(Table(["protocol", "skipped because"], [[k, v] for k, v in skipped.items()]))
@@ -290,12 +363,25 @@ def privacy_section(data: dict, out_dir: str | os.PathLike) -> Section:
     """Memorisation audit from ``privacy.json``."""
     out_dir = Path(out_dir)
     sec = Section("Privacy: are synthetic volumes copies of training volumes?")
+    conditional = data.get("mode") == "conditional"
+    method = ("label-conditional residuals (each image minus the per-class smooth intensity field its label "
+              "map predicts; what the map does not explain), compared by correlation inside the class "
+              "interiors, maximised over small shifts and axis flips" if conditional else
+              f"{data.get('similarity')} of the images{' inside the foreground mask' if data.get('mask') else ''}")
+    baseline = data.get("baseline_rate")
     sec.blocks.append(Text(
-        f"Similarity: {data.get('similarity')}{' inside the foreground mask' if data.get('mask') else ''}. "
-        f"Threshold {fmt(data.get('threshold'))} ({data.get('threshold_rule')}): a synthetic volume more "
-        f"similar to a training volume than any real patient is to another is flagged. "
+        f"Method: {method}. Threshold {fmt(data.get('threshold'))} ({data.get('threshold_rule')}). "
         f"{data.get('n_flagged')} of {data.get('n_synthetic')} synthetic volumes flagged "
-        f"({fmt(100 * (data.get('fraction_flagged') or 0), 3)} %), {data.get('n_train')} training volumes."))
+        f"({fmt(100 * (data.get('fraction_flagged') or 0), 3)} %), {data.get('n_train')} training volumes"
+        + (f", {data.get('n_held_out')} held-out real cases; held-out cases flagged against the others' "
+           f"threshold (the rate an honest model should not exceed): {fmt(100 * baseline, 3)} %."
+           if baseline is not None else ".")))
+    if data.get("note"):
+        sec.blocks.append(Text(data["note"]))
+    if data.get("subjects_flagged"):
+        sec.blocks.append(Text(f"Training subjects with a flagged synthetic volume: {_names(data['subjects_flagged'])}."))
+    if data.get("scope"):
+        sec.blocks.append(Text(f"What this audit can and cannot detect. {data['scope']}"))
     closest = sorted(data.get("pairs", []), key=lambda p: -(p.get("similarity") or -math.inf))[:10]
     if closest:
         sec.blocks.append(Table(["synthetic", "nearest training volume", "similarity", "flagged"],
@@ -339,14 +425,17 @@ SECTION_FILES: dict[str, Callable[[dict, Path], Section]] = {
 }
 
 
-def build_report(out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Assemble every section whose JSON exists in ``out_dir`` into report.md and report.html."""
+def build_report(out_dir: str | os.PathLike, extra_sections: Sequence[Section] = ()) -> tuple[Path, Path]:
+    """Assemble every section whose JSON exists in ``out_dir`` into report.md and report.html,
+    followed by ``extra_sections`` (blocks other parts of the package add, e.g. a viewer)."""
     out_dir = Path(out_dir)
     sections = [render(read_json(out_dir / name), out_dir)
                 for name, render in SECTION_FILES.items() if (out_dir / name).is_file()]
     viewer = report_viewer(out_dir) if sections else None
     if viewer:
-        sections.insert(1, Section("Interactive viewer", [Html(viewer, "Open report.html for an interactive 3D viewer.")]))
+        sections.insert(1, Section("Interactive viewer",
+                                   [HtmlBlock(viewer, "Open report.html for an interactive 3D viewer.")]))
+    sections += list(extra_sections)
     if not sections:
         raise MedlsdmError(f"{out_dir}: no evaluation results to report (expected one of "
                            f"{', '.join(SECTION_FILES)}; run `medlsdm evaluate quality|segmentation|privacy --out {out_dir}`)")

@@ -17,19 +17,28 @@ The reference loaded "real" and "fake" test images from one folder, so its two D
 measured the same images; here identical folders are refused (``pairing.refuse_same_folder``)
 and a case ID present in both training and test sets is an error.
 
+* ``augmentation`` (the question users ask: do synthetic volumes help when real labelled data
+  are scarce?): train on N real cases (N = 2, 4, 8, all by default; nested seeded subsets), each
+  with and without all synthetic training volumes, and on synthetic volumes only; Dice on the real
+  test cases, as a table and a plot.
+
 Intensities: each volume, per channel, is mapped linearly from its [0.5, 99.5] percentile range
 to [-1, 1] and clipped, so real and synthetic images are judged on shape and contrast, not on a
 global intensity offset. Labels are used as given (integers 0..K-1, 0 = background). Scores are
-per foreground class (background excluded) from the confusion matrix pooled over all test
-volumes: Dice, IoU, precision, recall (``metrics.overlap_from_confusion``).
+per foreground class (background excluded): the headline is the **per-case mean Dice** (each test
+case's mean over its classes, averaged over cases) with a percentile-bootstrap confidence interval
+over cases, also per class; the Dice of the confusion matrix pooled over all test voxels (where a
+large volume outweighs the rest) is kept beside it.
 
-Training lasts ``epochs`` (reproducible) or a wall-clock budget (``budget_minutes``, split
-equally among the protocols run). One epoch = ceil(n_train / batch_size) steps of random patches,
-half of them centred on a foreground voxel (small structures are otherwise rarely seen).
+Reproducible by default: every protocol trains for the same fixed number of ``steps`` (batches of
+random patches, half centred on a foreground voxel) with the same network settings, seeded, on a
+fixed number of CPU threads (``threads``), so the same command gives the same numbers on a quiet
+and on a busy machine. A wall-clock budget (``budget_minutes``) is used only when asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -41,14 +50,15 @@ import numpy as np
 import torch
 
 from medlsdm.errors import ConfigError, DataError, MedlsdmError
-from medlsdm.evaluation.metrics import confusion_matrix, mean_over_classes, overlap_from_confusion
+from medlsdm.evaluation.metrics import (bootstrap_mean_ci, confusion_matrix, mean_over_classes,
+                                        overlap_from_confusion)
 from medlsdm.evaluation.pairing import (VolumeFiles, check_same_grid, load_image, load_label,
                                         pair_by_case, refuse_same_folder, scan_folder,
                                         split_sample_name)
 
 __all__ = ["SEGMENTATION_DEFAULTS", "PROTOCOLS", "SegCase", "normalise_percentiles",
            "build_network", "patch_divisor", "train_segmenter", "predict", "score",
-           "evaluate_segmentation"]
+           "augmentation_study", "evaluate_segmentation"]
 
 SEGMENTATION_DEFAULTS = {
     "channels": (16, 32, 64, 128),  # U-Net feature maps per level: small, trains in minutes on a GPU
@@ -57,12 +67,17 @@ SEGMENTATION_DEFAULTS = {
     "patch_max": 96,              # default patch: the largest training volume, capped per axis
     "batch_size": 2,
     "lr": 1e-3,
-    "budget_minutes": 10.0,       # total wall clock when neither epochs nor a budget is given
+    "steps": 400,                 # training steps per protocol, when neither epochs nor a budget is given
+    "threads": 2,                 # torch CPU threads while training and predicting (results depend on it)
+    "bootstrap": 2000,            # bootstrap resamples for confidence intervals over test cases
+    "ci_level": 0.95,
+    "augmentation_sizes": (2, 4, 8, "all"),
     "percentiles": (0.5, 99.5),
     "foreground_crop_fraction": 0.5,
     "sw_overlap": 0.25,
 }
-PROTOCOLS = ("real", "real+synthetic", "synthetic")
+PROTOCOLS = ("real", "real+synthetic", "synthetic", "augmentation")
+DEFAULT_PROTOCOLS = PROTOCOLS[:3]   # the augmentation study trains 2 x len(sizes) + 1 networks: on request
 
 
 @dataclass
@@ -187,18 +202,19 @@ def _random_patch(case: SegCase, patch, rng: np.random.Generator, fg_fraction: f
 
 
 def train_segmenter(cases: Sequence[SegCase], num_classes: int, patch: Sequence[int], *,
-                    epochs: int | None = None, budget_seconds: float | None = None, seed: int = 0,
-                    device: str = "cpu", config: Mapping | None = None, progress: bool = True,
+                    steps: int | None = None, epochs: int | None = None, budget_seconds: float | None = None,
+                    seed: int = 0, device: str = "cpu", config: Mapping | None = None, progress: bool = True,
                     desc: str = "train") -> tuple[torch.nn.Module, dict]:
-    """Train a U-Net on ``cases`` for ``epochs`` or until ``budget_seconds`` pass (whichever comes
-    first when both are given). Returns the network (eval mode) and {steps, epochs, seconds}."""
+    """Train a U-Net on ``cases`` for ``steps`` (or ``epochs`` of ceil(n / batch) steps), or until
+    ``budget_seconds`` pass (whichever comes first when both are given). Returns the network
+    (eval mode) and {steps, epochs, seconds, final_loss}."""
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
     if not cases:
         raise DataError(f"{desc}: no training volumes")
-    if epochs is None and budget_seconds is None:
-        raise MedlsdmError("give a number of epochs or a time budget for the segmentation training")
+    if steps is None and epochs is None and budget_seconds is None:
+        raise MedlsdmError("give a number of steps, epochs or a time budget for the segmentation training")
     cfg = _config(config)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -208,7 +224,7 @@ def train_segmenter(cases: Sequence[SegCase], num_classes: int, patch: Sequence[
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     batch = int(cfg["batch_size"])
     steps_per_epoch = math.ceil(len(cases) / batch)
-    max_steps = None if epochs is None else int(epochs) * steps_per_epoch
+    max_steps = int(steps) if steps is not None else None if epochs is None else int(epochs) * steps_per_epoch
     start, step, last_loss = time.perf_counter(), 0, math.nan
     net.train()
     with tqdm(total=max_steps, desc=desc, disable=not progress, leave=False) as bar:
@@ -245,23 +261,49 @@ def predict(net: torch.nn.Module, image: np.ndarray, patch: Sequence[int], devic
 
 
 def score(net: torch.nn.Module, cases: Sequence[SegCase], num_classes: int, patch: Sequence[int],
-          device: str = "cpu", predictions: dict | None = None) -> dict:
-    """Foreground per-class Dice/IoU/precision/recall pooled over ``cases``, their means over
-    classes, and each volume's mean Dice. ``predictions`` (a dict) receives the predicted maps."""
+          device: str = "cpu", predictions: dict | None = None, bootstrap: int = 2000,
+          level: float = 0.95, seed: int = 0) -> dict:
+    """Scores of ``net`` on ``cases`` (foreground classes only):
+
+    * ``case_mean``: per-case mean Dice (each case's mean over the classes present in its
+      reference or prediction, then the mean over cases) with a bootstrap CI over cases;
+    * ``per_class_case_mean``: per class, the mean of the cases' Dice with its CI;
+    * ``mean`` / ``per_class``: Dice, IoU, precision, recall of the confusion matrix pooled over
+      all test voxels (one large volume outweighs the rest; kept for comparison);
+    * ``per_case``: each case's Dice per class and its mean.
+
+    ``predictions`` (a dict) receives the predicted maps."""
     pooled = np.zeros((num_classes, num_classes), dtype=np.int64)
-    per_volume = {}
+    per_case = {}
     for case in cases:
         pred = predict(net, case.image, patch, device)
         conf = confusion_matrix(pred, case.label, num_classes)
         pooled += conf
-        per_volume[case.case_id] = mean_over_classes(
-            {c: s["dice"] for c, s in overlap_from_confusion(conf).items()})
+        dice = {c: s["dice"] for c, s in overlap_from_confusion(conf).items()}
+        per_case[case.case_id] = {"dice_per_class": dice, "dice": mean_over_classes(dice)}
         if predictions is not None:
             predictions[case.case_id] = pred
     per_class = overlap_from_confusion(pooled)
     mean = {k: mean_over_classes({c: s[k] for c, s in per_class.items()})
             for k in ("dice", "iou", "precision", "recall")}
-    return {"n_volumes": len(cases), "mean": mean, "per_class": per_class, "per_volume_dice": per_volume}
+    ci = dict(level=level, n_resamples=bootstrap, seed=seed)
+    return {"n_volumes": len(cases),
+            "case_mean": bootstrap_mean_ci([v["dice"] for v in per_case.values()], **ci),
+            "per_class_case_mean": {c: bootstrap_mean_ci([v["dice_per_class"][c] for v in per_case.values()], **ci)
+                                    for c in per_class},
+            "mean": mean, "per_class": per_class, "per_case": per_case}
+
+
+@contextlib.contextmanager
+def _fixed_threads(threads: int):
+    """torch's intra-op thread count set for the duration (summation order, hence the last bits of
+    every result, depends on it), then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- the whole test
@@ -287,26 +329,72 @@ def _synthetic_sets(synthetic_dir, synthetic_train_dir, synthetic_labels_dir, tr
 
 def _protocol_list(protocols: Sequence[str] | None) -> tuple[list[str], bool]:
     if protocols is None:
-        return list(PROTOCOLS), False
+        return list(DEFAULT_PROTOCOLS), False
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
         raise MedlsdmError(f"--protocols: unknown {unknown or protocols}; choose from {', '.join(PROTOCOLS)}")
     return list(dict.fromkeys(protocols)), True
 
 
+def _sizes(sizes: Sequence, n_available: int) -> list[int]:
+    """Numbers of real training cases for the augmentation study: ints (those above the number
+    available are dropped) and "all"."""
+    out = []
+    for size in sizes:
+        if str(size) == "all":
+            out.append(n_available)
+        elif int(size) < 1:
+            raise MedlsdmError(f"augmentation sizes must be positive or 'all', got {size!r}")
+        elif int(size) <= n_available:
+            out.append(int(size))
+    return sorted(set(out))
+
+
+def augmentation_study(train_real: Sequence[SegCase], test_real: Sequence[SegCase],
+                       train_synthetic: Sequence[SegCase], num_classes: int, patch: Sequence[int], *,
+                       sizes: Sequence = SEGMENTATION_DEFAULTS["augmentation_sizes"], train_kw: Mapping,
+                       score_kw: Mapping, seed: int = 0) -> dict:
+    """Dice on the real test cases of networks trained on N real cases (a seeded permutation's
+    first N, so subsets are nested) without and with the synthetic training volumes, and on the
+    synthetic volumes only. Every network gets the same settings and number of steps."""
+    order = np.random.default_rng(seed).permutation(len(train_real))
+    rows = []
+
+    def run(n_real: int, with_synthetic: bool, cases: list[SegCase]) -> None:
+        label = f"{n_real} real" + (" + synthetic" if with_synthetic else "") if n_real else "synthetic only"
+        net, info = train_segmenter(cases, num_classes, patch, seed=seed, desc=f"augmentation [{label}]", **train_kw)
+        res = score(net, test_real, num_classes, patch, **score_kw)
+        rows.append({"n_real": n_real, "synthetic": with_synthetic, "n_train_volumes": len(cases),
+                     "steps": info["steps"], "case_mean": res["case_mean"],
+                     "per_class_case_mean": res["per_class_case_mean"], "pooled_dice": res["mean"]["dice"]})
+
+    chosen = _sizes(sizes, len(train_real))
+    for n in chosen:
+        subset = [train_real[i] for i in order[:n]]
+        run(n, False, subset)
+        if train_synthetic:
+            run(n, True, subset + list(train_synthetic))
+    if train_synthetic:
+        run(0, True, list(train_synthetic))
+    return {"sizes": chosen, "n_synthetic_train": len(train_synthetic), "rows": rows,
+            "subset_order": [train_real[i].case_id for i in order]}
+
+
 def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.PathLike,
                           synthetic: str | os.PathLike, out_dir: str | os.PathLike, *,
                           synthetic_labels: str | os.PathLike | None = None,
                           synthetic_train: str | os.PathLike | None = None,
-                          protocols: Sequence[str] | None = None, epochs: int | None = None,
-                          budget_minutes: float | None = None, seed: int = 0,
+                          protocols: Sequence[str] | None = None, steps: int | None = None,
+                          epochs: int | None = None, budget_minutes: float | None = None, seed: int = 0,
                           patch: Sequence[int] | None = None, device: str = "cpu",
                           config: Mapping | None = None, progress: bool = True,
                           figures: bool = True) -> dict:
-    """Run the downstream test, write OUT/segmentation.json (+ a figure) and return the results.
+    """Run the downstream test, write OUT/segmentation.json (+ figures) and return the results.
 
-    ``protocols`` None = all three, skipping (with the reason) those without synthetic training
-    volumes; naming a protocol that cannot run is an error.
+    Training length: ``steps`` per network (default ``config["steps"]``), or ``epochs``, or a
+    wall-clock ``budget_minutes`` split among the networks (only when asked for: not reproducible).
+    ``protocols`` None = real, real+synthetic and synthetic, skipping (with the reason) those
+    without synthetic training volumes; naming a protocol that cannot run is an error.
     """
     from medlsdm.evaluation.metrics import json_safe
     from medlsdm.files import ensure_writable_dir, write_json
@@ -315,6 +403,10 @@ def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.Pat
                        synthetic_train=synthetic_train)
     cfg = _config(config)
     wanted, explicit = _protocol_list(protocols)
+    if sum(x is not None for x in (steps, epochs, budget_minutes)) > 1:
+        raise MedlsdmError("give one of --steps, --epochs, --budget-minutes")
+    if steps is None and epochs is None and budget_minutes is None:
+        steps = int(cfg["steps"])
     out_dir = ensure_writable_dir(out_dir)
     pct = cfg["percentiles"]
 
@@ -342,7 +434,7 @@ def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.Pat
     skipped = {}
     runnable = []
     for name in wanted:
-        if name != "real" and not sets["train_synthetic"]:
+        if name in ("real+synthetic", "synthetic") and not sets["train_synthetic"]:
             reason = ("no synthetic training volume: name them after training cases (or give "
                       "--synthetic-labels); synthetic volumes of test cases are not trained on")
             if explicit:
@@ -350,22 +442,31 @@ def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.Pat
             skipped[name] = reason
         else:
             runnable.append(name)
-    if epochs is None and budget_minutes is None:
-        budget_minutes = cfg["budget_minutes"]
-    budget = None if budget_minutes is None else 60.0 * float(budget_minutes) / max(len(runnable), 1)
+    n_networks = sum(1 for n in runnable if n != "augmentation")
+    if "augmentation" in runnable:
+        n_sizes = len(_sizes(cfg["augmentation_sizes"], len(sets["train_real"])))
+        n_networks += n_sizes * (2 if sets["train_synthetic"] else 1) + (1 if sets["train_synthetic"] else 0)
+    budget = None if budget_minutes is None else 60.0 * float(budget_minutes) / max(n_networks, 1)
+    train_kw = dict(steps=steps, epochs=epochs, budget_seconds=budget, device=device, config=cfg, progress=progress)
+    score_kw = dict(device=device, bootstrap=int(cfg["bootstrap"]), level=float(cfg["ci_level"]), seed=seed)
 
-    results = {}
+    results, study = {}, None
     predictions: dict[str, dict] = {"real": {}, "synthetic": {}}
-    for name in runnable:
-        net, info = train_segmenter(training_sets[name], num_classes, patch, epochs=epochs,
-                                    budget_seconds=budget, seed=seed, device=device, config=cfg,
-                                    progress=progress, desc=f"segmentation [{name}]")
-        tests = {"real": score(net, sets["test_real"], num_classes, patch, device,
-                               predictions["real"] if name == "real" else None)}
-        if name == "real":
-            tests["synthetic"] = score(net, sets["test_synthetic"], num_classes, patch, device,
-                                       predictions["synthetic"])
-        results[name] = {"n_train_volumes": len(training_sets[name]), **info, "tests": tests}
+    with _fixed_threads(cfg["threads"]):
+        for name in runnable:
+            if name == "augmentation":
+                study = augmentation_study(sets["train_real"], sets["test_real"], sets["train_synthetic"],
+                                           num_classes, patch, sizes=cfg["augmentation_sizes"],
+                                           train_kw=train_kw, score_kw=score_kw, seed=seed)
+                continue
+            net, info = train_segmenter(training_sets[name], num_classes, patch, seed=seed,
+                                        desc=f"segmentation [{name}]", **train_kw)
+            tests = {"real": score(net, sets["test_real"], num_classes, patch,
+                                   predictions=predictions["real"] if name == "real" else None, **score_kw)}
+            if name == "real":
+                tests["synthetic"] = score(net, sets["test_synthetic"], num_classes, patch,
+                                           predictions=predictions["synthetic"], **score_kw)
+            results[name] = {"n_train_volumes": len(training_sets[name]), **info, "tests": tests}
 
     data = {
         "kind": "medlsdm-segmentation",
@@ -375,17 +476,22 @@ def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.Pat
         "pairing": pairing, "n_synthetic_train": len(sets["train_synthetic"]),
         "num_classes": num_classes, "in_channels": in_channels,
         "class_names": _class_names(train_real),
-        "settings": {"patch": list(patch), "epochs": epochs, "budget_minutes": budget_minutes,
-                     "seed": seed, "device": str(device),
+        "settings": {"patch": list(patch), "steps": steps, "epochs": epochs, "budget_minutes": budget_minutes,
+                     "seed": seed, "device": str(device), "threads": int(cfg["threads"]),
                      "network": {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]
                                  for k in ("channels", "strides", "num_res_units", "batch_size", "lr")},
+                     "confidence_interval": f"{cfg['ci_level']:.0%} percentile bootstrap over test cases, "
+                                            f"{cfg['bootstrap']} resamples, seed {seed}",
                      "normalisation": f"per volume and channel, percentiles {list(pct)} -> [-1, 1], clipped"},
         "protocols": results, "skipped_protocols": skipped,
         "domain_gap": _domain_gap(results.get("real")),
+        "augmentation": study,
         "figures": [],
     }
     if figures and "real" in results:
         data["figures"] = _prediction_figure(out_dir, sets, predictions, [c for _, _, c in test_syn])
+    if figures and study and study["rows"]:
+        data["figures"].append(_augmentation_figure(out_dir, study))
     write_json(out_dir / "segmentation.json", json_safe(data))
     return data
 
@@ -393,8 +499,8 @@ def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.Pat
 def _domain_gap(real_result: dict | None) -> dict:
     if not real_result:
         return {}
-    d_real = real_result["tests"]["real"]["mean"]["dice"]
-    d_syn = real_result["tests"]["synthetic"]["mean"]["dice"]
+    d_real = real_result["tests"]["real"]["case_mean"]["mean"]
+    d_syn = real_result["tests"]["synthetic"]["case_mean"]["mean"]
     ratio = d_syn / d_real if d_real and math.isfinite(d_real) and d_real > 0 else math.nan
     return {"dice_real": d_real, "dice_synthetic": d_syn, "ratio": ratio}
 
@@ -434,3 +540,46 @@ def _prediction_figure(out_dir: Path, sets: dict, predictions: dict, syn_case_id
     return [{"path": rel, "caption": "Test cases: real image, reference label map, prediction on the real image; "
                                      "synthetic image from the same label map and the prediction on it "
                                      "(network trained on real images)."}]
+
+
+def _augmentation_figure(out_dir: Path, study: dict) -> dict:
+    """Per-case mean Dice (with its CI) against the number of real training cases, without and
+    with synthetic volumes; synthetic only as a horizontal band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medlsdm.files import atomic_output
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for with_syn, colour, label in ((False, "tab:blue", "real only"), (True, "tab:orange", "real + synthetic")):
+        rows = [r for r in study["rows"] if r["synthetic"] == with_syn and r["n_real"] > 0]
+        if rows:
+            x = [r["n_real"] for r in rows]
+            m = np.array([r["case_mean"]["mean"] for r in rows], dtype=float)
+            lo = np.array([r["case_mean"]["ci_low"] for r in rows], dtype=float)
+            hi = np.array([r["case_mean"]["ci_high"] for r in rows], dtype=float)
+            err = np.nan_to_num(np.stack([m - lo, hi - m]), nan=0.0)
+            ax.errorbar(x, m, yerr=err, marker="o", capsize=3, color=colour, label=label)
+    only = [r for r in study["rows"] if r["n_real"] == 0]
+    if only:
+        c = only[0]["case_mean"]
+        ax.axhline(c["mean"], color="tab:green", ls="--", label="synthetic only")
+        if np.isfinite(c["ci_low"]):
+            ax.axhspan(c["ci_low"], c["ci_high"], color="tab:green", alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(study["sizes"], [str(n) for n in study["sizes"]])
+    ax.set_xlabel("real training cases")
+    ax.set_ylabel("per-case mean Dice (real test cases)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    rel = "figures/segmentation_augmentation.png"
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    with atomic_output(out_dir / rel) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return {"path": rel, "caption": "Augmentation study: per-case mean Dice on the real test cases "
+                                    "(bars: bootstrap confidence interval over cases) against the number of "
+                                    "real training cases, without and with the synthetic training volumes."}

@@ -8,20 +8,13 @@ heads load from the ``lpips`` package's ``weights/v0.1/{vgg,alex}.pth`` (keys
 ``lin{k}.model.1.weight``). Nothing is downloaded; files are read with
 ``torch.load(weights_only=True)``.
 
-Where the weights are looked for (first found wins; an explicitly given path is the only place
-looked at for that file):
-
-* backbone: ``backbone_path`` (config ``loss.lpips_backbone``), else
-  ``$TORCH_HOME/hub/checkpoints/`` (default ``~/.cache/torch/hub/checkpoints/``) with
-  torchvision's file name ``vgg16-397923af.pth`` / ``alexnet-owt-7be5be79.pth``;
-* heads: ``heads_path`` (config ``loss.lpips_heads``), else ``lpips/weights/v0.1/{net}.pth``
-  inside an installed ``lpips`` package (located without importing it), else
-  ``$TORCH_HOME/hub/checkpoints/lpips_{net}.pth``.
+Weights are found, hash-checked and read by ``medlsdm.pretrained`` (networks
+``lpips-{vgg,alex}-backbone`` and ``lpips-{vgg,alex}-heads``; ``medlsdm weights`` lists where they
+are looked for). An explicitly given path is the only place looked at for that file.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -31,11 +24,9 @@ import torch
 from torch import nn
 
 from medlsdm.errors import ConfigError, MedlsdmError
+from medlsdm.pretrained import find_weights, load_weights
 
-BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
-BACKBONE_URLS = {"vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
-                 "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"}
-HEADS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{net}.pth"
+NETS = ("vgg", "alex")
 
 # torchvision's VGG16 "D" configuration; LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -126,8 +117,11 @@ class LPIPS(nn.Module):
         self.backbone = Backbone(net)
         self.heads = Heads(self.backbone.channels)
         backbone, heads = find_lpips_weights(net, backbone_path, heads_path)
-        _load_strict(self.backbone, _features_only(_load_file(backbone, "LPIPS backbone"), backbone), backbone)
-        _load_strict(self.heads, _load_file(heads, "LPIPS heads"), heads)
+        loaded_backbone = load_weights(f"lpips-{net}-backbone", backbone)
+        loaded_heads = load_weights(f"lpips-{net}-heads", heads)
+        self.provenance = {"backbone": loaded_backbone.provenance(), "heads": loaded_heads.provenance()}
+        _load_strict(self.backbone, _features_only(loaded_backbone.state, backbone), backbone)
+        _load_strict(self.heads, loaded_heads.state, heads)
         self.requires_grad_(False)
         self.eval()
 
@@ -160,64 +154,22 @@ def _unit_channels(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 # -- weights ---------------------------------------------------------------------------------
 
 def _check_net(net: str) -> None:
-    if net not in BACKBONE_FILES:
+    if net not in NETS:
         raise ConfigError(f"loss.perceptual_net must be 'vgg' or 'alex', not {net!r}")
-
-
-def _hub_checkpoints() -> Path:
-    # torch.hub.get_dir() honours $TORCH_HOME (default ~/.cache/torch) and torch.hub.set_dir.
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _lpips_package_heads(net: str) -> Path | None:
-    """``weights/v0.1/{net}.pth`` of an installed lpips package, found without importing it
-    (importing lpips imports torchvision)."""
-    try:
-        spec = importlib.util.find_spec("lpips")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / f"{net}.pth"
-
-
-def lpips_search_paths(net: str, backbone_path=None, heads_path=None) -> tuple[list[Path], list[Path]]:
-    """Candidate files for the backbone and the heads, in search order."""
-    _check_net(net)
-    hub = _hub_checkpoints()
-    backbones = [Path(backbone_path)] if backbone_path else [hub / BACKBONE_FILES[net]]
-    if heads_path:
-        heads = [Path(heads_path)]
-    else:
-        package = _lpips_package_heads(net)
-        heads = ([package] if package else []) + [hub / f"lpips_{net}.pth"]
-    return backbones, heads
 
 
 def find_lpips_weights(net: str = "vgg", backbone_path=None, heads_path=None) -> tuple[Path, Path]:
     """(backbone file, heads file), or a MedlsdmError naming what is missing and where to get it."""
-    backbones, heads = lpips_search_paths(net, backbone_path, heads_path)
-    found_backbone = next((p for p in backbones if p.is_file()), None)
-    found_heads = next((p for p in heads if p.is_file()), None)
-    missing = []
-    if found_backbone is None:
-        missing.append(f"backbone {' or '.join(map(str, backbones))} (torchvision weights: {BACKBONE_URLS[net]})")
-    if found_heads is None:
-        missing.append(f"heads {' or '.join(map(str, heads))} ({HEADS_URL.format(net=net)}, "
-                       f"or `pip install lpips`)")
+    _check_net(net)
+    found, missing = [], []
+    for part, path in (("backbone", backbone_path), ("heads", heads_path)):
+        try:
+            found.append(find_weights(f"lpips-{net}-{part}", path))
+        except MedlsdmError as exc:
+            missing.append(str(exc))
     if missing:
-        raise MedlsdmError(f"LPIPS-{net} weights not found: " + "; ".join(missing))
-    return found_backbone, found_heads
-
-
-def _load_file(path: Path, what: str) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, or pickled code refused by weights_only
-        raise MedlsdmError(f"{path}: cannot read {what} weights ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, Mapping):
-        raise MedlsdmError(f"{path}: {what} file is not a state dict")
-    return dict(state)
+        raise MedlsdmError(f"LPIPS-{net}: " + "; ".join(missing))
+    return found[0], found[1]
 
 
 def _features_only(state: dict, path: Path) -> dict:
