@@ -37,6 +37,11 @@ AUTOENCODER_DEFAULTS = {
         "attention": False,
         "decoder": "plain",               # plain | spade
         "spade_hidden": 128,
+        "spade_kernel": 3,                # 3 (3x3x3) | [1, 3, 3] (the reference's: about 1/3 of the SPADE cost)
+        "spade_shared": False,            # one label convolution for all decoder levels instead of one per norm
+        "spade_slab": 0,                  # SPADE modulation in depth slabs of this many voxels (0: whole volume)
+        "spade_instance_norm": True,      # gamma/beta instance-normalised (as MONAI's SPADE); false: the reference's
+        "checkpointing": False,           # recompute encoder/decoder ResBlocks in the backward pass (memory)
     },
     "loss": {
         "l1": 4.0,
