@@ -89,6 +89,8 @@ def _autoencoder_step(decoder: str, setting: str, size, tmp: str):
     from medlsdm.training.autoencoder import AUTOENCODER_DEFAULTS, AutoencoderModule
 
     over = copy.deepcopy(AE_SETTINGS[setting])
+    if decoder == "plain":  # the SPADE options do not apply
+        over["model"] = {k: v for k, v in over["model"].items() if not k.startswith("spade")}
     base = AUTOENCODER_DEFAULTS
     if setting == "demo":
         base = merge(AUTOENCODER_DEFAULTS, load_preset("demo")["autoencoder"])
@@ -100,7 +102,7 @@ def _autoencoder_step(decoder: str, setting: str, size, tmp: str):
         warnings.simplefilter("ignore")
         module = AutoencoderModule(cfg, in_channels=1, label_table=TABLE)
     module.train()
-    opt_g, opt_d = module.configure_optimizers()
+    optimizers = module.configure_optimizers()
     gen = list(module.autoencoder.parameters())
     disc = list(module.disc2d.parameters()) + list(module.disc3d.parameters())
     clip = cfg["trainer"]["gradient_clip"]
@@ -108,7 +110,8 @@ def _autoencoder_step(decoder: str, setting: str, size, tmp: str):
     x = torch.rand(1, 1, *size) * 2 - 1
     label = _label(size)
 
-    def step():
+    def two_optimizers():  # the training step up to commit d8b91bc
+        opt_g, opt_d = optimizers
         for p in disc:  # as toggle_optimizer: no discriminator gradients in the generator step
             p.requires_grad_(False)
         opt_g.zero_grad(set_to_none=True)
@@ -128,6 +131,26 @@ def _autoencoder_step(decoder: str, setting: str, size, tmp: str):
             opt_d.step()
             for p in gen:
                 p.requires_grad_(True)
+        return g_loss
+
+    def one_optimizer():  # AutoencoderModule.training_step now: one optimizer, two groups
+        opt = optimizers
+        opt.zero_grad(set_to_none=True)
+        for p in disc:
+            p.requires_grad_(False)
+        g_loss, x_rec, real2d, fake2d, _ = module.generator_loss(x, label, use_disc=use_disc)
+        g_loss.backward()
+        for p in disc:
+            p.requires_grad_(True)
+        if use_disc:
+            module.discriminator_loss(x, x_rec, real2d, fake2d).backward()
+        for group in opt.param_groups:
+            torch.nn.utils.clip_grad_norm_([p for p in group["params"] if p.grad is not None], clip)
+        opt.step()
+        return g_loss
+
+    def step():
+        g_loss = two_optimizers() if isinstance(optimizers, (list, tuple)) else one_optimizer()
         if not torch.isfinite(g_loss):
             raise RuntimeError("non-finite loss")
 
@@ -150,7 +173,7 @@ def _denoiser_step(setting: str, size):
                              scaler_state=scaler)
     module.train()
     net = module.denoiser
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    opt = module.configure_optimizers()
     x0 = torch.randn(1, 8, *(s // 4 for s in size))
     cond = one_hot(_label(size), NUM_CLASSES).float()
     dcfg = cfg["diffusion"]
@@ -285,6 +308,8 @@ def main(argv=None) -> int:
         for size in args.sizes:
             for kind in args.kinds:
                 settings = args.denoiser_settings if kind == "denoiser" else args.ae_settings
+                if kind == "plain":  # "default" is "reference" without the SPADE options
+                    settings = [s for s in settings if s != "default" or "reference" not in settings]
                 for setting in settings:
                     # Interleaved: the tree order alternates from one configuration to the next.
                     order = trees if n % 2 == 0 else trees[::-1]

@@ -190,7 +190,9 @@ class DiffusionModule(pl.LightningModule):
         except (TypeError, ValueError):
             raise ConfigError(f"optim.lr and optim.weight_decay must be numbers, got {ocfg['lr']!r}, "
                               f"{ocfg['weight_decay']!r}") from None
-        return torch.optim.AdamW(self.denoiser.parameters(), lr=lr, weight_decay=decay)
+        from medlsdm.training.optim import adam
+
+        return adam(self.denoiser.parameters(), lr=lr, weight_decay=decay, decoupled=True)
 
 
 def denoiser_config(cfg: Mapping, in_channels: int, num_classes: int, downsample) -> dict:
