@@ -282,3 +282,42 @@ def test_init_from_with_frozen_encoder_keeps_the_latents(data, tmp_path):
     with pytest.raises(ConfigError, match="needs init.from"):
         ae.AutoencoderModule({**ae.AUTOENCODER_DEFAULTS, "init": {"from": None, "freeze_encoder": True}},
                              in_channels=1, label_table={"0": "background", "1": "a"})
+
+
+def test_two_optimizer_states_merge_into_the_one_optimizer_and_step_alike():
+    """Checkpoints written with separate generator and discriminator optimizers resume into the
+    one optimizer with two groups; its next step equals the two optimizers' steps."""
+    import torch
+
+    from medlsdm.training.autoencoder import merge_optimizer_states
+
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(3, 4), torch.nn.Linear(5, 2)
+    old = [torch.optim.Adam(gen.parameters(), lr=1e-2, betas=(0.5, 0.9)),
+           torch.optim.Adam(disc.parameters(), lr=3e-2, betas=(0.5, 0.9))]
+
+    def grads(seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in [*gen.parameters(), *disc.parameters()]:
+            p.grad = torch.randn(p.shape, generator=g)
+
+    for seed in (1, 2):                                  # some optimizer state to carry over
+        grads(seed)
+        for opt in old:
+            opt.step()
+    merged = merge_optimizer_states(old[0].state_dict(), old[1].state_dict())
+    start = [p.detach().clone() for p in [*gen.parameters(), *disc.parameters()]]
+    grads(3)
+    for opt in old:
+        opt.step()
+    expected = [p.detach().clone() for p in [*gen.parameters(), *disc.parameters()]]
+    with torch.no_grad():
+        for p, s in zip([*gen.parameters(), *disc.parameters()], start):
+            p.copy_(s)
+    new = torch.optim.Adam([{"params": list(gen.parameters())}, {"params": list(disc.parameters())}], lr=0.0)
+    new.load_state_dict(merged)
+    assert [g["lr"] for g in new.param_groups] == [1e-2, 3e-2]
+    grads(3)
+    new.step()
+    for p, e in zip([*gen.parameters(), *disc.parameters()], expected):
+        torch.testing.assert_close(p.detach(), e)
