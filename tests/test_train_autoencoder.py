@@ -287,6 +287,8 @@ def test_init_from_with_frozen_encoder_keeps_the_latents(data, tmp_path):
 def test_two_optimizer_states_merge_into_the_one_optimizer_and_step_alike():
     """Checkpoints written with separate generator and discriminator optimizers resume into the
     one optimizer with two groups; its next step equals the two optimizers' steps."""
+    import copy
+
     import torch
 
     from medlsdm.training.autoencoder import merge_optimizer_states
@@ -305,7 +307,7 @@ def test_two_optimizer_states_merge_into_the_one_optimizer_and_step_alike():
         grads(seed)
         for opt in old:
             opt.step()
-    merged = merge_optimizer_states(old[0].state_dict(), old[1].state_dict())
+    merged = copy.deepcopy(merge_optimizer_states(old[0].state_dict(), old[1].state_dict()))  # state_dict shares tensors
     start = [p.detach().clone() for p in [*gen.parameters(), *disc.parameters()]]
     grads(3)
     for opt in old:
