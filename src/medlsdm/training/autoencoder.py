@@ -144,7 +144,7 @@ class AutoencoderModule(pl.LightningModule):
     def _slices(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same random 2D slices of the input and its reconstruction (LPIPS, 2D discriminator).
         Drawn from the global torch RNG, so a resumed run continues the same sequence."""
-        from medlsdm.models.discriminators import extract_slices
+        from medlsdm.models.slicing import extract_slices
 
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         lcfg = self.cfg["loss"]
@@ -391,7 +391,7 @@ def make_loaders(data: str | Path, cfg: Mapping):
 def check_input_size(shape: Sequence[int], lcfg: Mapping) -> None:
     """Refuse, before training starts, volumes too small for the discriminators (they would fail
     only when switched on, `disc_start` steps later) or for the LPIPS backbone."""
-    from medlsdm.models.discriminators import AXES
+    from medlsdm.models.slicing import AXES
 
     need = 3 * 2 ** int(lcfg["disc_layers"])  # see PatchGAN.min_size
     spatial = [int(s) for s in shape[-3:]]
