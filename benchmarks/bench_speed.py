@@ -36,14 +36,21 @@ NUM_CLASSES = 4
 TABLE = {"0": "background", "1": "csf", "2": "grey_matter", "3": "white_matter"}
 
 # Stage-1 settings. "reference": the Med-LSDM reference's architecture (REFERENCE.md §1 and §5:
-# channels 16/32/64, ResBlocks 1/2, 16,384 codes, 2D + 3D PatchGAN, LPIPS-VGG, SPADE with
-# (1, 3, 3) kernels, 128 hidden channels, 8 groups). "default": this package's defaults (SPADE
-# with 3x3x3 kernels). "demo": the demo preset and its shipped SPADE decoder (hidden 32; the
-# discriminators are off in the demo's training). Keys absent from an older tree are dropped
-# there and reported ("option missing").
+# channels 16/32/64, ResBlocks 1/2, 16,384 codes, 2D + 3D PatchGAN, LPIPS-VGG; SPADE with
+# (1, 3, 3) kernels, 128 hidden channels, 8 groups, plain gamma/beta convolutions).
+# "default": this package's defaults (SPADE with 3x3x3 kernels and instance-normalised
+# gamma/beta, as MONAI's block that the shipped decoder was trained with). "demo": the demo
+# preset and its shipped SPADE decoder (hidden 32; discriminators off, as in the demo's
+# training). "+ckpt": with activation checkpointing and SPADE slabs of 8 slices; "+shared": one
+# label convolution for the whole decoder, 64 hidden channels. Keys absent from an older tree
+# are reported there as "option missing".
+REFERENCE_SPADE = {"spade_kernel": [1, 3, 3], "spade_instance_norm": False}
 AE_SETTINGS = {
-    "reference": {"model": {"spade_kernel": [1, 3, 3]}, "loss": {"disc_start": 0}},
-    "reference+ckpt": {"model": {"spade_kernel": [1, 3, 3], "checkpointing": True}, "loss": {"disc_start": 0}},
+    "reference": {"model": dict(REFERENCE_SPADE), "loss": {"disc_start": 0}},
+    "reference+ckpt": {"model": {**REFERENCE_SPADE, "checkpointing": True, "spade_slab": 8},
+                       "loss": {"disc_start": 0}},
+    "reference+shared": {"model": {**REFERENCE_SPADE, "spade_shared": True, "spade_hidden": 64},
+                         "loss": {"disc_start": 0}},
     "default": {"model": {}, "loss": {"disc_start": 0}},
     "demo": {"model": {"num_codes": 1024, "spade_hidden": 32}, "loss": {"disc_start": 100000}},
 }
@@ -91,6 +98,8 @@ def _autoencoder_step(decoder: str, setting: str, size, tmp: str):
     over = copy.deepcopy(AE_SETTINGS[setting])
     if decoder == "plain":  # the SPADE options do not apply
         over["model"] = {k: v for k, v in over["model"].items() if not k.startswith("spade")}
+        if setting.startswith("reference+") and not over["model"]:
+            raise ValueError(f"setting {setting} is the plain reference")
     base = AUTOENCODER_DEFAULTS
     if setting == "demo":
         base = merge(AUTOENCODER_DEFAULTS, load_preset("demo")["autoencoder"])
@@ -308,8 +317,9 @@ def main(argv=None) -> int:
         for size in args.sizes:
             for kind in args.kinds:
                 settings = args.denoiser_settings if kind == "denoiser" else args.ae_settings
-                if kind == "plain":  # "default" is "reference" without the SPADE options
-                    settings = [s for s in settings if s != "default" or "reference" not in settings]
+                if kind == "plain":  # "default" and "+shared" are "reference" without SPADE options
+                    settings = [s for s in settings if s not in ("default", "reference+shared")
+                                or "reference" not in settings]
                 for setting in settings:
                     # Interleaved: the tree order alternates from one configuration to the next.
                     order = trees if n % 2 == 0 else trees[::-1]
