@@ -323,3 +323,18 @@ def test_two_optimizer_states_merge_into_the_one_optimizer_and_step_alike():
     new.step()
     for p, e in zip([*gen.parameters(), *disc.parameters()], expected):
         torch.testing.assert_close(p.detach(), e)
+
+
+def test_compile_switch_keeps_weight_names():
+    """trainer.compile wraps the networks in place: checkpoints and exported weights keep their keys."""
+    from medlsdm.config import merge
+    from medlsdm.training.autoencoder import AUTOENCODER_DEFAULTS, AutoencoderModule
+
+    table = {"0": "background", "1": "a", "2": "b"}
+    small = {"model": {"channels": [4, 8, 8], "num_codes": 16, "decoder": "spade", "spade_hidden": 4},
+             "loss": {"perceptual": 0, "disc_channels": 4, "disc_layers": 1}}
+    plain = AutoencoderModule(merge(AUTOENCODER_DEFAULTS, small), 1, table)
+    compiled = AutoencoderModule(merge(AUTOENCODER_DEFAULTS, {**small, "trainer": {"compile": True}}), 1, table)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert compiled.autoencoder.decoder._compiled_call_impl is not None
+    assert plain.autoencoder.decoder._compiled_call_impl is None

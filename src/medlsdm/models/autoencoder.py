@@ -208,8 +208,9 @@ class VQGAN(nn.Module):
                  codebook_decay: float = 0.99, commitment: float = 0.25, attention: bool = False,
                  decoder: str = "plain", num_classes: int | None = None, spade_hidden: int = 128,
                  norm_groups: int = 32, spade_norm_groups: int = 8, dead_code_threshold: float = 1.0,
-                 spade_kernel: int | Sequence[int] = 3, spade_shared: bool = False, spade_slab: int = 0,
-                 checkpointing: bool = False, spade_instance_norm: bool = True):
+                 spade_kernel: int | Sequence[int] | None = 3, spade_shared: bool | None = False,
+                 spade_slab: int | None = 0, checkpointing: bool | None = False,
+                 spade_instance_norm: bool | None = True):
         super().__init__()
         strides = level_strides(downsample)
         if len(channels) < len(strides) + 1:
@@ -220,6 +221,9 @@ class VQGAN(nn.Module):
         if decoder == "spade" and not num_classes:
             raise ConfigError("the SPADE decoder needs num_classes (the label table's size)")
         channels = [int(c) for c in channels[: len(strides) + 1]]
+        # None: the option's default (configurations written before the option existed).
+        spade_kernel = 3 if spade_kernel is None else spade_kernel
+        spade_instance_norm = True if spade_instance_norm is None else spade_instance_norm
         enc_blocks, dec_blocks = _pair(num_res_blocks, "num_res_blocks")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels or in_channels)
         self.latent_channels = int(latent_channels)
@@ -235,7 +239,7 @@ class VQGAN(nn.Module):
                                label_channels=self.num_classes if decoder == "spade" else None,
                                spade_hidden=spade_hidden, spade_groups=spade_norm_groups,
                                spade_kernel=spade_kernel, spade_shared=bool(spade_shared),
-                               spade_slab=int(spade_slab), checkpointing=bool(checkpointing),
+                               spade_slab=int(spade_slab or 0), checkpointing=bool(checkpointing),
                                spade_instance_norm=bool(spade_instance_norm))
 
     def set_spade_slab(self, depth: int) -> None:

@@ -37,11 +37,12 @@ AUTOENCODER_DEFAULTS = {
         "attention": False,
         "decoder": "plain",               # plain | spade
         "spade_hidden": 128,
-        "spade_kernel": 3,                # 3 (3x3x3) | [1, 3, 3] (the reference's: about 1/3 of the SPADE cost)
-        "spade_shared": False,            # one label convolution for all decoder levels instead of one per norm
-        "spade_slab": 0,                  # SPADE modulation in depth slabs of this many voxels (0: whole volume)
-        "spade_instance_norm": True,      # gamma/beta instance-normalised (as MONAI's SPADE); false: the reference's
-        "checkpointing": False,           # recompute encoder/decoder ResBlocks in the backward pass (memory)
+        # Speed/memory options; None = as before they existed (runs made earlier still resume):
+        "spade_kernel": None,             # 3 (3x3x3, None) | [1, 3, 3] (the reference's: about 1/3 of the SPADE cost)
+        "spade_shared": None,             # true: one label convolution for all decoder levels instead of one per norm
+        "spade_slab": None,               # SPADE modulation in depth slabs of this many voxels (None/0: whole volume)
+        "spade_instance_norm": None,      # gamma/beta instance-normalised (None/true, as MONAI's SPADE); false: the reference's
+        "checkpointing": None,            # true: recompute encoder/decoder ResBlocks in the backward pass (memory)
     },
     "loss": {
         "l1": 4.0,
@@ -68,7 +69,10 @@ AUTOENCODER_DEFAULTS = {
     # fine-tuned after the fact; benchmarks/models.md).
     "init": {"from": None, "freeze_encoder": False},
     "data": {"patch_size": None, "flip": True, "val_cases": 4},
-    "trainer": dict(TRAINER_DEFAULTS),
+    # compile: torch.compile the encoder and decoder (Inductor fuses norms, activations and
+    # element-wise ops); pays over long runs: ~15 % less CPU per SPADE step here, after minutes
+    # of compilation (benchmarks/speed.md). Weights and checkpoints keep their keys.
+    "trainer": {**TRAINER_DEFAULTS, "compile": None},
 }
 
 
@@ -102,6 +106,9 @@ class AutoencoderModule(pl.LightningModule):
         # Frozen and kept out of the submodules (a list hides it): never trained, never in a
         # checkpoint or in the exported weights.
         self._lpips = [build_perceptual_loss(lcfg) if lcfg["perceptual"] > 0 else None]
+        if self.cfg["trainer"]["compile"]:
+            self.autoencoder.encoder.compile()
+            self.autoencoder.decoder.compile()
         self._val_counts: torch.Tensor | None = None
 
     # -- initialisation ---------------------------------------------------------------------
