@@ -151,9 +151,11 @@ class Decoder(nn.Module):
             if spade_shared:
                 self.label_features = LabelFeatures(label_channels, spade_hidden, spade_kernel, bias=True,
                                                     negative_slope=0.01)
+                self.label_features.conv.in_plane = False   # image resolution: oneDNN's conv3d
             make_norm = lambda c: SPADEGroupNorm(  # noqa: E731
                 c, label_channels, spade_hidden, spade_groups, kernel=spade_kernel,
-                own_features=not spade_shared, slab=spade_slab, normalize_modulation=spade_instance_norm)
+                own_features=not spade_shared, slab=spade_slab, normalize_modulation=spade_instance_norm,
+                slice_path=False)
         n = len(strides)
         self.conv_in = nn.Conv3d(latent_channels, channels[n], 3, padding=1)
         self.attention = SelfAttention(channels[n], norm_groups) if attention else nn.Identity()

@@ -120,7 +120,11 @@ class LabelFeatures(nn.Module):
 
     def forward(self, label: torch.Tensor) -> torch.Tensor:
         h = self.conv(label)
-        # In place: the activation's backward needs only its output's sign.
+        if h._is_view():
+            # The in-plane path returns a transposed view; an in-place op on a view makes autograd
+            # copy and zero whole tensors in the backward pass (CopySlices): 25 % of a SPADE step.
+            return F.leaky_relu(h, self.negative_slope) if self.negative_slope else F.relu(h)
+        # In place: the activation's backward needs only its output's sign (one tensor less held).
         return F.leaky_relu_(h, self.negative_slope) if self.negative_slope else F.relu_(h)
 
 
@@ -133,12 +137,14 @@ class SPADEGroupNorm(nn.Module):
     norm then has no label convolution of its own). ``slab``: depth of the slabs the modulation
     is computed in (0: whole volume at once). ``normalize_modulation``: gamma and beta each
     instance-normalised (eps 1e-5) over the volume, as MONAI's SPADE block does.
+    ``slice_path=False``: no conv2d-over-slices path for (1, k, k) kernels (at image resolution
+    oneDNN's conv3d is the faster one: 15 % per SPADE norm at 32x64x64, measured).
     """
 
     def __init__(self, channels: int, label_channels: int, hidden: int = 128, groups: int = 8,
                  kernel: int | Sequence[int] = 3, shared_bias: bool = True, negative_slope: float = 0.01,
                  eps: float = 1e-5, own_features: bool = True, slab: int = 0,
-                 normalize_modulation: bool = False):
+                 normalize_modulation: bool = False, slice_path: bool = True):
         super().__init__()
         self.normalize_modulation = bool(normalize_modulation)
         self.kernel = kernel3(kernel)
@@ -148,6 +154,10 @@ class SPADEGroupNorm(nn.Module):
         self.gamma = same_conv(hidden, channels, self.kernel)
         self.beta = same_conv(hidden, channels, self.kernel)
         self.slab = int(slab)
+        if not slice_path:
+            for conv in self.modules():
+                if isinstance(conv, InPlaneConv3d):
+                    conv.in_plane = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Weights written with MONAI's SPADE block (and with this class's former Sequential).
