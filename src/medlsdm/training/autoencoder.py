@@ -70,7 +70,7 @@ AUTOENCODER_DEFAULTS = {
     "init": {"from": None, "freeze_encoder": False},
     "data": {"patch_size": None, "flip": True, "val_cases": 4},
     # compile: torch.compile the encoder and decoder (Inductor fuses norms, activations and
-    # element-wise ops); pays over long runs: ~15 % less CPU per SPADE step here, after minutes
+    # element-wise ops); pays over long runs: ~15 % less CPU per SPADE generator pass here, after minutes
     # of compilation (benchmarks/speed.md). Weights and checkpoints keep their keys.
     "trainer": {**TRAINER_DEFAULTS, "compile": None},
 }
