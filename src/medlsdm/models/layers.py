@@ -122,7 +122,7 @@ class LabelFeatures(nn.Module):
         h = self.conv(label)
         if h._is_view():
             # The in-plane path returns a transposed view; an in-place op on a view makes autograd
-            # copy and zero whole tensors in the backward pass (CopySlices): 25 % of a SPADE step.
+            # copy and zero whole tensors in the backward pass (CopySlices): ~17 % of a SPADE step.
             return F.leaky_relu(h, self.negative_slope) if self.negative_slope else F.relu(h)
         # In place: the activation's backward needs only its output's sign (one tensor less held).
         return F.leaky_relu_(h, self.negative_slope) if self.negative_slope else F.relu_(h)
