@@ -1,5 +1,5 @@
 """Batch-1 forward time of a denoiser with and without the in-plane slice path of
-`medlsdm.models.denoisers.Conv3d` (conv2d over slices at batch 1 on the CPU), side by side in
+`medlsdm.models.layers.InPlaneConv3d` (conv2d over slices at batch 1 on the CPU), side by side in
 one run, and the same at batch 2 (where the path is off) for scale. Medians of --repeats.
 
     .venv/bin/python benchmarks/bench_denoiser_batch1.py --model src/medlsdm/weights/demo [--threads 2]
@@ -17,9 +17,15 @@ import torch
 
 from medlsdm.inference import load_model
 from medlsdm.inference.synthesis import model_shape as _model_shape
-from medlsdm.models import denoisers
+from medlsdm.models.layers import InPlaneConv3d
 
-PATHS = {"slice path": denoisers.Conv3d.forward, "nn.Conv3d": torch.nn.Conv3d.forward}
+PATHS = {"slice path": True, "nn.Conv3d": False}
+
+
+def _use_slice_path(model, on: bool) -> None:
+    for module in model.denoiser.modules():
+        if isinstance(module, InPlaneConv3d):
+            module.in_plane = on and module.kernel_size[0] == 1 and module.stride[0] == 1
 
 
 def forward_ms(model, image_shape, batch: int, repeats: int) -> dict[str, float]:
@@ -33,13 +39,13 @@ def forward_ms(model, image_shape, batch: int, repeats: int) -> dict[str, float]
     with torch.no_grad():
         for r in range(repeats + 1):
             order = list(PATHS.items())
-            for name, forward in (order if r % 2 else order[::-1]):   # alternate who goes first
-                denoisers.Conv3d.forward = forward
+            for name, on in (order if r % 2 else order[::-1]):   # alternate who goes first
+                _use_slice_path(model, on)
                 start = time.perf_counter()
                 model.denoiser(x, t, cond)
                 if r:                                  # the first round warms up
                     times[name].append((time.perf_counter() - start) * 1e3)
-    denoisers.Conv3d.forward = PATHS["slice path"]
+    _use_slice_path(model, True)
     return {name: statistics.median(v) for name, v in times.items()}
 
 

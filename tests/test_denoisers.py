@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from medlsdm.errors import ConfigError, MedlsdmError
-from medlsdm.models.denoisers import (DENOISER_DEFAULTS, ConcatUNet, Conv3d, LabelEncoder, SemanticUNet, SpadeGroupNorm,
+from medlsdm.models.layers import InPlaneConv3d
+from medlsdm.models.denoisers import (DENOISER_DEFAULTS, ConcatUNet, LabelEncoder, SemanticUNet, spade_norm,
                                       UnconditionalUNet, build_denoiser)
 
 TINY = dict(base_channels=8, channel_mult=(1, 2), attention_levels=(1,), attention_head_dim=4)
@@ -63,7 +64,7 @@ def test_null_condition_encodes_to_zero_and_spade_reduces_to_groupnorm():
     enc = LabelEncoder(3, 8, (2, 4, 4), hidden=(8, 16))
     zero = enc(torch.zeros(2, 3, 8, 16, 16))
     assert zero.shape == (2, 8, 4, 4, 4) and not zero.any()
-    norm = SpadeGroupNorm(16, 8, hidden=8)
+    norm = spade_norm(16, 8, hidden=8)
     x = torch.randn(2, 16, 4, 4, 4)
     expected = norm.norm(x) * (1 + norm.gamma.bias.view(1, -1, 1, 1, 1)) + norm.beta.bias.view(1, -1, 1, 1, 1)
     torch.testing.assert_close(norm(x, zero), expected)
@@ -166,7 +167,7 @@ def test_build_denoiser_kinds_and_errors():
 def test_conv3d_batch_one_slice_path_matches_nn_conv3d(kernel, stride):
     """The batch-1 in-plane path (conv2d over slices) gives nn.Conv3d's output and gradients."""
     torch.manual_seed(0)
-    ours = Conv3d(5, 7, kernel, stride, padding=tuple(k // 2 for k in kernel))
+    ours = InPlaneConv3d(5, 7, kernel, stride, padding=tuple(k // 2 for k in kernel))
     reference = torch.nn.Conv3d(5, 7, kernel, stride, padding=tuple(k // 2 for k in kernel))
     reference.load_state_dict(ours.state_dict())
     x = torch.randn(1, 5, 6, 10, 12, requires_grad=True)
@@ -182,3 +183,10 @@ def test_conv3d_batch_one_slice_path_matches_nn_conv3d(kernel, stride):
     torch.testing.assert_close(ours.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
     two = torch.randn(2, 5, 6, 10, 12)                 # batch >= 2: plain nn.Conv3d
     torch.testing.assert_close(ours(two), reference(two))
+
+
+def test_in_plane_conv_refuses_depth_padding_with_a_depth_one_kernel():
+    with pytest.raises(ValueError, match="depth padding"):
+        InPlaneConv3d(4, 4, (1, 3, 3), padding=1)
+    conv = InPlaneConv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+    assert conv.in_plane and not InPlaneConv3d(4, 4, (1, 3, 3), stride=(2, 1, 1), padding=(0, 1, 1)).in_plane

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from medlsdm.errors import ConfigError, MedlsdmError
-from medlsdm.models.discriminators import build_discriminators, extract_slices
+from medlsdm.models.discriminators import build_discriminators
+from medlsdm.models.slicing import extract_slices
 from medlsdm.models.losses import (adaptive_weight, adversarial_weight, discriminator_loss,
                                    feature_matching_loss, generator_loss)
 

@@ -282,3 +282,59 @@ def test_init_from_with_frozen_encoder_keeps_the_latents(data, tmp_path):
     with pytest.raises(ConfigError, match="needs init.from"):
         ae.AutoencoderModule({**ae.AUTOENCODER_DEFAULTS, "init": {"from": None, "freeze_encoder": True}},
                              in_channels=1, label_table={"0": "background", "1": "a"})
+
+
+def test_two_optimizer_states_merge_into_the_one_optimizer_and_step_alike():
+    """Checkpoints written with separate generator and discriminator optimizers resume into the
+    one optimizer with two groups; its next step equals the two optimizers' steps."""
+    import copy
+
+    import torch
+
+    from medlsdm.training.autoencoder import merge_optimizer_states
+
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(3, 4), torch.nn.Linear(5, 2)
+    old = [torch.optim.Adam(gen.parameters(), lr=1e-2, betas=(0.5, 0.9)),
+           torch.optim.Adam(disc.parameters(), lr=3e-2, betas=(0.5, 0.9))]
+
+    def grads(seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in [*gen.parameters(), *disc.parameters()]:
+            p.grad = torch.randn(p.shape, generator=g)
+
+    for seed in (1, 2):                                  # some optimizer state to carry over
+        grads(seed)
+        for opt in old:
+            opt.step()
+    merged = copy.deepcopy(merge_optimizer_states(old[0].state_dict(), old[1].state_dict()))  # state_dict shares tensors
+    start = [p.detach().clone() for p in [*gen.parameters(), *disc.parameters()]]
+    grads(3)
+    for opt in old:
+        opt.step()
+    expected = [p.detach().clone() for p in [*gen.parameters(), *disc.parameters()]]
+    with torch.no_grad():
+        for p, s in zip([*gen.parameters(), *disc.parameters()], start):
+            p.copy_(s)
+    new = torch.optim.Adam([{"params": list(gen.parameters())}, {"params": list(disc.parameters())}], lr=0.0)
+    new.load_state_dict(merged)
+    assert [g["lr"] for g in new.param_groups] == [1e-2, 3e-2]
+    grads(3)
+    new.step()
+    for p, e in zip([*gen.parameters(), *disc.parameters()], expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_compile_switch_keeps_weight_names():
+    """trainer.compile wraps the networks in place: checkpoints and exported weights keep their keys."""
+    from medlsdm.config import merge
+    from medlsdm.training.autoencoder import AUTOENCODER_DEFAULTS, AutoencoderModule
+
+    table = {"0": "background", "1": "a", "2": "b"}
+    small = {"model": {"channels": [4, 8, 8], "num_codes": 16, "decoder": "spade", "spade_hidden": 4},
+             "loss": {"perceptual": 0, "disc_channels": 4, "disc_layers": 1}}
+    plain = AutoencoderModule(merge(AUTOENCODER_DEFAULTS, small), 1, table)
+    compiled = AutoencoderModule(merge(AUTOENCODER_DEFAULTS, {**small, "trainer": {"compile": True}}), 1, table)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert compiled.autoencoder.decoder._compiled_call_impl is not None
+    assert plain.autoencoder.decoder._compiled_call_impl is None

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlsdm.errors import ConfigError, MedlsdmError
+from medlsdm.models.layers import LabelFeatures, SPADEGroupNorm, apply_norm, group_norm, run_checkpointed
 from medlsdm.models.quantizer import EMAVectorQuantizer
-from medlsdm.models.spade import SPADEGroupNorm, group_norm
 
 
 def level_strides(downsample: Sequence[int]) -> list[tuple[int, ...]]:
@@ -45,22 +45,20 @@ def _resample_conv(cin: int, cout: int, stride: tuple[int, ...], transposed: boo
     return conv(cin, cout, kernel, stride=stride, padding=1)
 
 
-def _apply_norm(norm: nn.Module, x: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
-    return norm(x, label) if isinstance(norm, SPADEGroupNorm) else norm(x)
-
-
 class ResBlock(nn.Module):
     """(norm, SiLU, conv3) twice, plus the input. ``make_norm(channels)`` builds either a plain
-    GroupNorm or a SPADE-GroupNorm; the label map is used only by the latter."""
+    GroupNorm or a SPADE-GroupNorm; the label map (or the shared label features at this
+    level's size) is used only by the latter."""
 
     def __init__(self, channels: int, make_norm):
         super().__init__()
         self.norm1, self.conv1 = make_norm(channels), nn.Conv3d(channels, channels, 3, padding=1)
         self.norm2, self.conv2 = make_norm(channels), nn.Conv3d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(_apply_norm(self.norm1, x, label)))
-        h = self.conv2(F.silu(_apply_norm(self.norm2, h, label)))
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(apply_norm(self.norm1, x, label, features)))
+        h = self.conv2(F.silu(apply_norm(self.norm2, h, label, features)))
         return x + h
 
 
@@ -84,9 +82,11 @@ class SelfAttention(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(self, in_channels: int, channels: Sequence[int], num_res_blocks: int,
-                 strides: list[tuple[int, ...]], latent_channels: int, attention: bool, norm_groups: int):
+                 strides: list[tuple[int, ...]], latent_channels: int, attention: bool, norm_groups: int,
+                 checkpointing: bool = False):
         super().__init__()
         make_norm = lambda c: group_norm(c, norm_groups)  # noqa: E731
+        self.checkpointing = checkpointing
         self.conv_in = nn.Conv3d(in_channels, channels[0], 3, padding=1)
         self.levels = nn.ModuleList(
             nn.Sequential(_resample_conv(channels[i], channels[i + 1], s, transposed=False),
@@ -99,21 +99,31 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.levels:
-            h = level(h)
+            for layer in level:
+                h = run_checkpointed(self.checkpointing and isinstance(layer, ResBlock), layer, h)
         h = self.attention(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class DecoderLevel(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: tuple[int, ...], num_res_blocks: int, make_norm):
+    def __init__(self, cin: int, cout: int, stride: tuple[int, ...], num_res_blocks: int, make_norm,
+                 checkpointing: bool = False):
         super().__init__()
         self.upsample = _resample_conv(cin, cout, stride, transposed=True)
         self.blocks = nn.ModuleList(ResBlock(cout, make_norm) for _ in range(num_res_blocks))
+        self.checkpointing = checkpointing
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        """``label``: the one-hot map (any size; resized here once for all blocks), or
+        ``features``: shared label features (resized here likewise)."""
         h = self.upsample(x)
+        if label is not None and label.shape[2:] != h.shape[2:]:
+            label = F.interpolate(label, size=h.shape[2:], mode="nearest")
+        if features is not None and features.shape[2:] != h.shape[2:]:
+            features = F.interpolate(features, size=h.shape[2:], mode="nearest")
         for block in self.blocks:
-            h = block(h, label)
+            h = run_checkpointed(self.checkpointing, block, h, label, features)
         return h
 
 
@@ -122,22 +132,36 @@ class Decoder(nn.Module):
     levels (upsampling + ResBlocks) with output channels channels[-1], ..., channels[1]
     (TATS: 64 -> 64 -> 32), conv3 to the image channels, tanh; as in TATS no norm before the
     output conv (it would be one more SPADE at full resolution, the costliest place).
-    With ``label_channels`` every GroupNorm is a SPADE-GroupNorm."""
+    With ``label_channels`` every GroupNorm is a SPADE-GroupNorm (``spade_kernel``: 3 = 3x3x3,
+    or (1, 3, 3) as the reference; ``spade_shared``: one label convolution for the whole decoder,
+    its features nearest-resized to each level, instead of one per norm; ``spade_slab``: the
+    modulation computed in depth slabs of that many voxels, for large volumes).
+    ``checkpointing``: the ResBlocks are recomputed in the backward pass."""
 
     def __init__(self, out_channels: int, channels: Sequence[int], num_res_blocks: int,
                  strides: list[tuple[int, ...]], latent_channels: int, attention: bool, norm_groups: int,
-                 label_channels: int | None = None, spade_hidden: int = 128, spade_groups: int = 8):
+                 label_channels: int | None = None, spade_hidden: int = 128, spade_groups: int = 8,
+                 spade_kernel=3, spade_shared: bool = False, spade_slab: int = 0, checkpointing: bool = False,
+                 spade_instance_norm: bool = True):
         super().__init__()
+        self.label_features = None
         if label_channels is None:
             make_norm = lambda c: group_norm(c, norm_groups)  # noqa: E731
         else:
-            make_norm = lambda c: SPADEGroupNorm(c, label_channels, spade_hidden, spade_groups)  # noqa: E731
+            if spade_shared:
+                self.label_features = LabelFeatures(label_channels, spade_hidden, spade_kernel, bias=True,
+                                                    negative_slope=0.01)
+                self.label_features.conv.in_plane = False   # image resolution: oneDNN's conv3d
+            make_norm = lambda c: SPADEGroupNorm(  # noqa: E731
+                c, label_channels, spade_hidden, spade_groups, kernel=spade_kernel,
+                own_features=not spade_shared, slab=spade_slab, normalize_modulation=spade_instance_norm,
+                slice_path=False)
         n = len(strides)
         self.conv_in = nn.Conv3d(latent_channels, channels[n], 3, padding=1)
         self.attention = SelfAttention(channels[n], norm_groups) if attention else nn.Identity()
         self.levels = nn.ModuleList(
             DecoderLevel(channels[n] if j == 0 else channels[n - j + 1], channels[n - j],
-                         strides[n - 1 - j], num_res_blocks, make_norm)
+                         strides[n - 1 - j], num_res_blocks, make_norm, checkpointing)
             for j in range(n))
         # Default (random) initialisation on purpose: a zero output layer would make the
         # conditioning of an untrained decoder untestable (REFERENCE.md §5).
@@ -145,8 +169,12 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         h = self.attention(self.conv_in(z))
+        features = None
+        if self.label_features is not None:
+            # Computed once at full resolution; levels take nearest-resized copies.
+            features, label = self.label_features(label), None
         for level in self.levels:
-            h = level(h, label)
+            h = level(h, label, features)
         return torch.tanh(self.conv_out(h))
 
 
@@ -166,7 +194,14 @@ class VQGAN(nn.Module):
     default (16, 32, 64) serves [4, 4, 4] and [2, 2, 2] alike. ``num_res_blocks``: ResBlocks
     per level, (encoder, decoder) or one int for both. ``norm_groups`` (32) and
     ``spade_norm_groups`` (8, the reference's SPADE-GroupNorm) are reduced to a divisor of the
-    channel count where needed.
+    channel count where needed. Speed and memory options (defaults: the architecture the shipped
+    weights were trained with): ``spade_kernel`` 3 or (1, 3, 3) (the reference's, about a third
+    of the SPADE cost), ``spade_shared`` (one label convolution for the whole decoder),
+    ``spade_slab`` (SPADE modulation in depth slabs; a runtime setting, see
+    :meth:`set_spade_slab`), ``checkpointing`` (ResBlocks recomputed in the backward pass);
+    ``spade_instance_norm`` (True: gamma and beta instance-normalised as MONAI's SPADE block
+    did for every decoder trained so far; False: the reference's and SPADE paper's plain
+    convolutions, a little cheaper).
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None,
@@ -174,7 +209,10 @@ class VQGAN(nn.Module):
                  downsample: Sequence[int] = (4, 4, 4), latent_channels: int = 8, num_codes: int = 16384,
                  codebook_decay: float = 0.99, commitment: float = 0.25, attention: bool = False,
                  decoder: str = "plain", num_classes: int | None = None, spade_hidden: int = 128,
-                 norm_groups: int = 32, spade_norm_groups: int = 8, dead_code_threshold: float = 1.0):
+                 norm_groups: int = 32, spade_norm_groups: int = 8, dead_code_threshold: float = 1.0,
+                 spade_kernel: int | Sequence[int] | None = 3, spade_shared: bool | None = False,
+                 spade_slab: int | None = 0, checkpointing: bool | None = False,
+                 spade_instance_norm: bool | None = True):
         super().__init__()
         strides = level_strides(downsample)
         if len(channels) < len(strides) + 1:
@@ -185,6 +223,9 @@ class VQGAN(nn.Module):
         if decoder == "spade" and not num_classes:
             raise ConfigError("the SPADE decoder needs num_classes (the label table's size)")
         channels = [int(c) for c in channels[: len(strides) + 1]]
+        # None: the option's default (configurations written before the option existed).
+        spade_kernel = 3 if spade_kernel is None else spade_kernel
+        spade_instance_norm = True if spade_instance_norm is None else spade_instance_norm
         enc_blocks, dec_blocks = _pair(num_res_blocks, "num_res_blocks")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels or in_channels)
         self.latent_channels = int(latent_channels)
@@ -192,13 +233,24 @@ class VQGAN(nn.Module):
         self.decoder_kind = decoder
         self.num_classes = int(num_classes) if num_classes else None
         self.encoder = Encoder(self.in_channels, channels, enc_blocks, strides, self.latent_channels,
-                               attention, norm_groups)
+                               attention, norm_groups, checkpointing=bool(checkpointing))
         self.quantizer = EMAVectorQuantizer(num_codes, self.latent_channels, codebook_decay, commitment,
                                             dead_code_threshold=dead_code_threshold)
         self.decoder = Decoder(self.out_channels, channels, dec_blocks, strides, self.latent_channels,
                                attention, norm_groups,
                                label_channels=self.num_classes if decoder == "spade" else None,
-                               spade_hidden=spade_hidden, spade_groups=spade_norm_groups)
+                               spade_hidden=spade_hidden, spade_groups=spade_norm_groups,
+                               spade_kernel=spade_kernel, spade_shared=bool(spade_shared),
+                               spade_slab=int(spade_slab or 0), checkpointing=bool(checkpointing),
+                               spade_instance_norm=bool(spade_instance_norm))
+
+    def set_spade_slab(self, depth: int) -> None:
+        """Compute the SPADE decoder's modulation in depth slabs of ``depth`` voxels (0: whole
+        volume). Same values; only one slab's hidden label features are held at once, the
+        largest tensors of a SPADE decode of a large volume. No effect on a plain decoder."""
+        for module in self.decoder.modules():
+            if isinstance(module, SPADEGroupNorm):
+                module.slab = int(depth)
 
     # -- shapes -----------------------------------------------------------------------------
     def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, int, int, int]:

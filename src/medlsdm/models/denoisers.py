@@ -34,10 +34,9 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from medlsdm.errors import ConfigError, MedlsdmError
-from medlsdm.models.spade import group_count
+from medlsdm.models.layers import InPlaneConv3d, SPADEGroupNorm, apply_norm, group_norm, run_checkpointed, same_conv
 
 DENOISER_DEFAULTS: dict = {
     "kind": "semantic",               # semantic (Med-LSDM) | concat (Med-DDPM) | unconditional (medicaldiffusion)
@@ -65,28 +64,6 @@ VARIANTS = ("pseudo3d", "3d")
 
 
 # --- small pieces ----------------------------------------------------------------------------
-class Conv3d(nn.Conv3d):
-    """`nn.Conv3d` (same weights and state dict) that runs in-plane kernels (1, k, k) as a 2D
-    convolution over the slices when the batch is 1 on the CPU. Written by hand because at batch 1
-    PyTorch's CPU dispatch picks its slow native conv3d kernel for these shapes (measured,
-    benchmarks/sampling.md: 32 channels at 16^3, 4.1 ms against 0.8 ms as conv2d), while from
-    batch 2 the oneDNN conv3d is the faster one; GPUs are left alone."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.shape[0] == 1 and x.device.type == "cpu" and self.kernel_size[0] == 1 and self.stride[0] == 1
-                and self.padding_mode == "zeros"):
-            slices = x[0].transpose(0, 1)                   # (D, C, H, W): the slices as a batch
-            y = F.conv2d(slices, self.weight[:, :, 0], self.bias, self.stride[1:], self.padding[1:],
-                         self.dilation[1:], self.groups)
-            return y.transpose(0, 1).unsqueeze(0)
-        return super().forward(x)
-
-
-def _conv(cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1, 1),
-          bias: bool = True) -> nn.Conv3d:
-    return Conv3d(cin, cout, tuple(kernel), tuple(stride), padding=tuple(k // 2 for k in kernel), bias=bias)
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (Ho et al. 2020 / Transformer): [cos(t w_i), sin(t w_i)],
     w_i = max_period^(-i / (dim/2)), (B,) -> (B, dim) float32."""
@@ -105,13 +82,6 @@ def _heads(channels: int, head_dim: int) -> int:
     return 1
 
 
-def _maybe_checkpoint(enabled: bool, fn, *args):
-    """Run fn(*args), recomputing it in the backward pass when enabled and training with grad."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
 def _pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
     """Pad the far end of each spatial axis (replicate) to a multiple of ``multiple``."""
     extra = [-s % m for s, m in zip(x.shape[2:], multiple)]
@@ -125,33 +95,11 @@ def _as_batch_t(t, batch: int, device: torch.device) -> torch.Tensor:
     return t.reshape(1).expand(batch) if t.ndim == 0 else t.reshape(batch)
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm with the SPADE call signature (the label is ignored): the encoder half."""
-
-    def __init__(self, channels: int, groups: int = 32):
-        super().__init__(group_count(channels, groups), channels, eps=1e-6, affine=True)
-
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x)
-
-
-class SpadeGroupNorm(nn.Module):
-    """SPADE (Park et al. 2019) on GroupNorm: ``GN(x) * (1 + gamma(f)) + beta(f)``, gamma and beta
-    convolutions of the label encoding ``f`` nearest-resized to x's size. The shared convolution
-    has no bias, so f = 0 (the null condition) gives GN(x) * (1 + b_gamma) + b_beta exactly."""
-
-    def __init__(self, channels: int, label_channels: int, hidden: int = 128, kernel=(1, 3, 3), groups: int = 32):
-        super().__init__()
-        self.norm = nn.GroupNorm(group_count(channels, groups), channels, eps=1e-6, affine=False)
-        self.shared = nn.Sequential(_conv(label_channels, hidden, kernel, bias=False), nn.ReLU())
-        self.gamma = _conv(hidden, channels, kernel)
-        self.beta = _conv(hidden, channels, kernel)
-
-    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        if label.shape[2:] != x.shape[2:]:
-            label = F.interpolate(label, size=x.shape[2:], mode="nearest")
-        h = self.shared(label.to(x.dtype))
-        return self.norm(x) * (1 + self.gamma(h)) + self.beta(h)
+def spade_norm(channels: int, label_channels: int, hidden: int = 128, kernel=(1, 3, 3)) -> SPADEGroupNorm:
+    """The denoiser's SPADE-GroupNorm (SDM): 32 groups, eps 1e-6, ReLU, and no bias in the shared
+    convolution, so the null condition f = 0 gives GN(x) * (1 + b_gamma) + b_beta exactly."""
+    return SPADEGroupNorm(channels, label_channels, hidden, groups=32, kernel=kernel, shared_bias=False,
+                          negative_slope=0.0, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -164,17 +112,17 @@ class ResBlock(nn.Module):
         super().__init__()
 
         def norm(c):
-            return GroupNorm(c) if label_channels is None else SpadeGroupNorm(c, label_channels, spade_hidden, kernel)
+            return group_norm(c) if label_channels is None else spade_norm(c, label_channels, spade_hidden, kernel)
 
-        self.norm1, self.conv1 = norm(cin), _conv(cin, cout, kernel)
+        self.norm1, self.conv1 = norm(cin), same_conv(cin, cout, kernel)
         self.emb = nn.Linear(emb_dim, 2 * cout)
-        self.norm2, self.dropout, self.conv2 = norm(cout), nn.Dropout(dropout), _conv(cout, cout, kernel)
-        self.skip = nn.Identity() if cin == cout else Conv3d(cin, cout, 1)
+        self.norm2, self.dropout, self.conv2 = norm(cout), nn.Dropout(dropout), same_conv(cout, cout, kernel)
+        self.skip = nn.Identity() if cin == cout else InPlaneConv3d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x, label)))
+        h = self.conv1(F.silu(apply_norm(self.norm1, x, label)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None, None].chunk(2, dim=1)
-        h = self.norm2(h, label) * (1 + scale) + shift
+        h = apply_norm(self.norm2, h, label) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -200,7 +148,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, channels: int, head_dim: int = 32):
         super().__init__()
-        self.norm, self.attn = GroupNorm(channels), MultiHeadAttention(channels, head_dim)
+        self.norm, self.attn = group_norm(channels), MultiHeadAttention(channels, head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
@@ -216,7 +164,7 @@ class DepthAttention(nn.Module):
 
     def __init__(self, channels: int, head_dim: int = 32, max_distance: int = 32):
         super().__init__()
-        self.norm, self.attn = GroupNorm(channels), MultiHeadAttention(channels, head_dim)
+        self.norm, self.attn = group_norm(channels), MultiHeadAttention(channels, head_dim)
         self.max_distance = int(max_distance)
         self.relative_bias = nn.Parameter(torch.zeros(self.attn.heads, 2 * self.max_distance + 1))
 
@@ -237,7 +185,7 @@ class VolumeAttention(nn.Module):
 
     def __init__(self, channels: int, head_dim: int = 32):
         super().__init__()
-        self.norm, self.attn = GroupNorm(channels), MultiHeadAttention(channels, head_dim)
+        self.norm, self.attn = group_norm(channels), MultiHeadAttention(channels, head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
@@ -266,12 +214,12 @@ class LabelEncoder(nn.Module):
         self.num_classes = int(num_classes)
         pools = int(math.log2(max(self.factors)))
         widths = [hidden[min(j, len(hidden) - 1)] for j in range(pools + 1)]
-        layers: list[nn.Module] = [_conv(num_classes, widths[0], kernel, bias=False), nn.ReLU()]
+        layers: list[nn.Module] = [same_conv(num_classes, widths[0], kernel, bias=False), nn.ReLU()]
         for j in range(pools):
             layers.append(nn.MaxPool3d(tuple(2 if f > 2 ** j else 1 for f in self.factors)))
             if j < pools - 1:
-                layers += [_conv(widths[j], widths[j + 1], kernel, bias=False), nn.ReLU()]
-        layers.append(_conv(widths[pools - 1] if pools else widths[0], out_channels, kernel, bias=False))
+                layers += [same_conv(widths[j], widths[j + 1], kernel, bias=False), nn.ReLU()]
+        layers.append(same_conv(widths[pools - 1] if pools else widths[0], out_channels, kernel, bias=False))
         self.layers = nn.Sequential(*layers)
 
     def output_shape(self, label_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -291,7 +239,7 @@ class _Level(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int, kernel, factor):
         super().__init__()
-        self.factor, self.conv = tuple(factor), _conv(channels, channels, kernel)
+        self.factor, self.conv = tuple(factor), same_conv(channels, channels, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
@@ -346,7 +294,7 @@ class LatentUNet(nn.Module):
         def block(cin, cout, spade):
             return ResBlock(cin, cout, emb_dim, kernel, label_channels if spade else None, spade_hidden, dropout)
 
-        self.conv_in = _conv(self.in_channels, chans[0], kernel)
+        self.conv_in = same_conv(self.in_channels, chans[0], kernel)
         self.down, skip_chans, ch = nn.ModuleList(), [], chans[0]
         for lvl, c in enumerate(chans):
             blocks, attns = [], []
@@ -355,7 +303,7 @@ class LatentUNet(nn.Module):
                 attns.append(attention(c, lvl))
                 ch = c
                 skip_chans.append(c)
-            down = _conv(c, c, kernel, stride=factor) if lvl < levels - 1 else None
+            down = same_conv(c, c, kernel, stride=factor) if lvl < levels - 1 else None
             self.down.append(_Level(blocks, attns, down))
         self.mid = _Level([block(ch, ch, True), block(ch, ch, True)], [attention(ch, None)])
         self.up = nn.ModuleList()
@@ -367,11 +315,11 @@ class LatentUNet(nn.Module):
                 ch = chans[lvl]
             up = Upsample(ch, kernel, factor) if lvl > 0 else None
             self.up.append(_Level(blocks, attns, up))
-        self.norm_out = SpadeGroupNorm(ch, label_channels, spade_hidden, kernel) if label_channels else GroupNorm(ch)
-        self.conv_out = _conv(ch, self.out_channels, kernel)
+        self.norm_out = spade_norm(ch, label_channels, spade_hidden, kernel) if label_channels else group_norm(ch)
+        self.conv_out = same_conv(ch, self.out_channels, kernel)
 
     def _run(self, fn, *args):
-        return _maybe_checkpoint(self.gradient_checkpointing and self.training, fn, *args)
+        return run_checkpointed(self.gradient_checkpointing and self.training, fn, *args)
 
     def forward(self, x: torch.Tensor, t, label_features: torch.Tensor | None = None) -> torch.Tensor:
         size = x.shape[2:]
@@ -396,7 +344,7 @@ class LatentUNet(nn.Module):
                 h = self._run(attn, self._run(blk, torch.cat([h, skips.pop()], dim=1), emb, label_features))
             if level.resample is not None:
                 h = level.resample(h)
-        h = self.conv_out(F.silu(self.norm_out(h, label_features)))
+        h = self.conv_out(F.silu(apply_norm(self.norm_out, h, label_features)))
         return h[:, :, : size[0], : size[1], : size[2]]
 
 

@@ -5,14 +5,10 @@ which returns every layer's features (the last one being the patch logits) for f
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from monai.networks.nets import PatchDiscriminator
 
-from medlsdm.errors import ConfigError, MedlsdmError
-
-AXES = {"D": 2, "H": 3, "W": 4}
+from medlsdm.errors import MedlsdmError
 
 
 class PatchGAN(PatchDiscriminator):
@@ -43,33 +39,3 @@ def build_discriminators(in_channels: int, channels: int = 64, layers: int = 3,
                          norm: str | tuple = "BATCH") -> tuple[PatchGAN, PatchGAN]:
     """(2D slice discriminator, 3D volume discriminator)."""
     return (PatchGAN(2, in_channels, channels, layers, norm), PatchGAN(3, in_channels, channels, layers, norm))
-
-
-def _axis(name) -> int:
-    if name not in AXES:
-        raise ConfigError(f"slice axis must be one of {sorted(AXES)}, got {name!r}")
-    return AXES[name]
-
-
-def extract_slices(x: torch.Tensor, n: int, axes: Sequence[str] = ("D",),
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` random 2D slices per volume of ``x`` (B, C, D, H, W) -> (B*n, C, P, Q).
-
-    One axis is drawn (from ``axes``: "D" gives (H, W) slices, "H" gives (D, W), "W" gives (D, H))
-    for the whole call, so that slices of non-cubic volumes stack; then ``n`` slice indices per
-    volume. Calls with equally seeded generators pick the same slices (real and fake alike).
-    """
-    if x.ndim != 5:
-        raise ValueError(f"extract_slices expects (B, C, D, H, W), got shape {tuple(x.shape)}")
-    dims = [_axis(a) for a in axes]
-    dim = dims[int(torch.randint(len(dims), (1,), generator=generator))]
-    index = torch.randint(x.shape[dim], (x.shape[0], int(n)), generator=generator).to(x.device)
-    return slices_at(x, index, dim)
-
-
-def slices_at(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Slices ``index`` (B, n) of each volume along spatial ``dim`` (2, 3 or 4) -> (B*n, C, P, Q)."""
-    moved = x.movedim(dim, 2)  # (B, C, S, P, Q)
-    batch = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
-    picked = moved[batch, :, index]  # advanced indices first: (B, n, C, P, Q)
-    return picked.reshape(-1, *picked.shape[2:])

@@ -215,7 +215,7 @@ def lpips_slices(x: torch.Tensor, y: torch.Tensor, net: LPIPS, axes: Sequence[st
     ``n=None``: every slice along each axis in ``axes`` (deterministic, for evaluation); else
     ``n`` random slices per volume and axis, the same ones in ``x`` and ``y``.
     """
-    from medlsdm.models.discriminators import AXES, slices_at
+    from medlsdm.models.slicing import axis_dim, slices_at
 
     if x.shape != y.shape or x.ndim != 5:
         raise ValueError(f"lpips_slices expects two (B, C, D, H, W) tensors of one shape, got "
@@ -223,9 +223,7 @@ def lpips_slices(x: torch.Tensor, y: torch.Tensor, net: LPIPS, axes: Sequence[st
     device = net.shift.device
     total, count = 0.0, 0
     for axis in axes:
-        if axis not in AXES:
-            raise ConfigError(f"slice axis must be one of {sorted(AXES)}, got {axis!r}")
-        dim = AXES[axis]
+        dim = axis_dim(axis)
         size = x.shape[dim]
         if n is None:
             index = torch.arange(size).expand(x.shape[0], size)

@@ -38,6 +38,12 @@ AUTOENCODER_DEFAULTS = {
         "attention": False,
         "decoder": "plain",               # plain | spade
         "spade_hidden": 128,
+        # Speed/memory options; None = as before they existed (runs made earlier still resume):
+        "spade_kernel": None,             # 3 (3x3x3, None) | [1, 3, 3] (the reference's: about 1/3 of the SPADE cost)
+        "spade_shared": None,             # true: one label convolution for all decoder levels instead of one per norm
+        "spade_slab": None,               # SPADE modulation in depth slabs of this many voxels (None/0: whole volume)
+        "spade_instance_norm": None,      # gamma/beta instance-normalised (None/true, as MONAI's SPADE); false: the reference's
+        "checkpointing": None,            # true: recompute encoder/decoder ResBlocks in the backward pass (memory)
     },
     "loss": {
         "l1": 4.0,
@@ -64,7 +70,10 @@ AUTOENCODER_DEFAULTS = {
     # fine-tuned after the fact; benchmarks/models.md).
     "init": {"from": None, "freeze_encoder": False},
     "data": {"patch_size": None, "flip": True, "val_cases": 4},
-    "trainer": dict(TRAINER_DEFAULTS),
+    # compile: torch.compile the encoder and decoder (Inductor fuses norms, activations and
+    # element-wise ops); pays over long runs: ~15 % less CPU per SPADE generator pass here, after minutes
+    # of compilation (benchmarks/speed.md). Weights and checkpoints keep their keys.
+    "trainer": {**TRAINER_DEFAULTS, "compile": None},
 }
 
 
@@ -98,6 +107,9 @@ class AutoencoderModule(pl.LightningModule):
         # Frozen and kept out of the submodules (a list hides it): never trained, never in a
         # checkpoint or in the exported weights.
         self._lpips = [build_perceptual_loss(lcfg) if lcfg["perceptual"] > 0 else None]
+        if self.cfg["trainer"]["compile"]:
+            self.autoencoder.encoder.compile()
+            self.autoencoder.decoder.compile()
         self._val_counts: torch.Tensor | None = None
 
     # -- initialisation ---------------------------------------------------------------------
@@ -140,7 +152,7 @@ class AutoencoderModule(pl.LightningModule):
     def _slices(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same random 2D slices of the input and its reconstruction (LPIPS, 2D discriminator).
         Drawn from the global torch RNG, so a resumed run continues the same sequence."""
-        from medlsdm.models.discriminators import extract_slices
+        from medlsdm.models.slicing import extract_slices
 
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         lcfg = self.cfg["loss"]
@@ -214,30 +226,35 @@ class AutoencoderModule(pl.LightningModule):
         return adversarial_weight(self.global_step, int(lcfg["disc_start"]), 1.0, int(lcfg["disc_warmup"]))
 
     def training_step(self, batch, batch_idx):
-        opt_g, opt_d = self.optimizers()
+        # One optimizer with two parameter groups (generator, discriminators), stepped once per
+        # batch, so that Lightning counts one step per batch (it counts every optimizer step in
+        # manual optimisation). Each loss reaches only its own group: the discriminators are
+        # frozen while the generator's loss is differentiated, and the discriminators' loss sees
+        # detached images. Adam is per parameter and clipping is per group
+        # (on_before_optimizer_step), so this equals stepping two optimizers in turn: the
+        # discriminators' loss never depended on the generator's update.
+        opt = self.optimizers()
         x, label = batch["image"], batch["label"]
         lcfg = self.cfg["loss"]
         use_disc = self._adversarial_weight() > 0 and (lcfg["gan_2d"] > 0 or lcfg["gan_3d"] > 0)
 
-        # Generator: the discriminators' parameters are frozen (toggle) so that the adversarial
-        # terms do not compute gradients nobody uses.
-        self.toggle_optimizer(opt_g)
-        g_loss, x_rec, real2d, fake2d, logs = self.generator_loss(x, label, use_disc)
-        self._check_finite(g_loss, "generator loss")
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g_loss)
-        opt_g.step()  # gradients are clipped in on_before_optimizer_step, after AMP unscaling
-        self.untoggle_optimizer(opt_g)
-
+        opt.zero_grad(set_to_none=True)
+        discriminators = [p for d in (self.disc2d, self.disc3d) for p in d.parameters()]
+        for p in discriminators:  # the adversarial terms need no discriminator gradients
+            p.requires_grad_(False)
+        try:
+            g_loss, x_rec, real2d, fake2d, logs = self.generator_loss(x, label, use_disc)
+            self._check_finite(g_loss, "generator loss")
+            self.manual_backward(g_loss)
+        finally:
+            for p in discriminators:
+                p.requires_grad_(True)
         if use_disc:
-            self.toggle_optimizer(opt_d)
             d_loss = self.discriminator_loss(x, x_rec, real2d, fake2d)
             self._check_finite(d_loss, "discriminator loss")
-            opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
-            _step_uncounted(opt_d)
-            self.untoggle_optimizer(opt_d)
             logs["train/d_loss"] = d_loss.detach()
+        opt.step()  # gradients are clipped in on_before_optimizer_step, after AMP unscaling
 
         logs["train/g_loss"] = g_loss.detach()
         batch_size = x.shape[0]
@@ -246,24 +263,32 @@ class AutoencoderModule(pl.LightningModule):
         self.log("l1", logs["train/l1"], prog_bar=True, logger=False, batch_size=batch_size)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Gradient clipping by norm. Here rather than before `opt.step()` in training_step:
-        Lightning calls this hook after unscaling fp16 gradients, so the norm is the true one."""
+        """Gradient clipping by norm, per parameter group (generator, discriminators). Here
+        rather than before `opt.step()` in training_step: Lightning calls this hook after
+        unscaling fp16 gradients, so the norm is the true one."""
         clip = self.cfg["trainer"]["gradient_clip"]
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not clip or not params:
-            return
-        norm = torch.nn.utils.clip_grad_norm_(params, float(clip))
-        name = "generator" if optimizer is self.optimizers()[0].optimizer else "discriminator"
-        self.log(f"train/grad_norm_{name}", norm, batch_size=1)
+        for name, group in zip(("generator", "discriminator"), optimizer.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if clip and params:
+                norm = torch.nn.utils.clip_grad_norm_(params, float(clip))
+                self.log(f"train/grad_norm_{name}", norm, batch_size=1)
 
     def configure_optimizers(self):
+        from medlsdm.training.optim import adam
+
         ocfg = self.cfg["optim"]
-        betas = tuple(ocfg["betas"])
         trainable = [p for p in self.autoencoder.parameters() if p.requires_grad]   # not a frozen encoder
-        opt_g = torch.optim.Adam(trainable, lr=ocfg["lr"], betas=betas)
-        opt_d = torch.optim.Adam(list(self.disc2d.parameters()) + list(self.disc3d.parameters()),
-                                 lr=ocfg["disc_lr"] or ocfg["lr"], betas=betas)
-        return [opt_g, opt_d]
+        discriminators = list(self.disc2d.parameters()) + list(self.disc3d.parameters())
+        return adam([{"params": trainable, "lr": ocfg["lr"]},
+                     {"params": discriminators, "lr": ocfg["disc_lr"] or ocfg["lr"]}],
+                    lr=ocfg["lr"], betas=tuple(ocfg["betas"]))
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        """Checkpoints written with two optimizers (generator, discriminators) resume into the one
+        optimizer with two groups."""
+        states = checkpoint.get("optimizer_states") or []
+        if len(states) == 2:
+            checkpoint["optimizer_states"] = [merge_optimizer_states(*states)]
 
     # -- validation -----------------------------------------------------------------------
     def on_validation_epoch_start(self):
@@ -291,19 +316,14 @@ class AutoencoderModule(pl.LightningModule):
             self.log_dict({"val/perplexity": perplexity, "val/code_usage": (counts > 0).float().mean()})
 
 
-def _step_uncounted(optimizer) -> None:
-    """Step the discriminator without advancing Lightning's global step.
-
-    In manual optimisation Lightning counts every optimizer.step() as a training step (through
-    hooks it sets on the LightningOptimizer), so the discriminator's step would make `max_steps`,
-    checkpoint intervals and `disc_start` count half-steps once the discriminators are on.
-    """
-    before, after = optimizer._on_before_step, optimizer._on_after_step
-    optimizer._on_before_step = optimizer._on_after_step = lambda: None
-    try:
-        optimizer.step()
-    finally:
-        optimizer._on_before_step, optimizer._on_after_step = before, after
+def merge_optimizer_states(first: Mapping, second: Mapping) -> dict:
+    """One optimizer state dict holding the parameter groups of ``first`` then ``second`` (state
+    dicts number parameters consecutively over groups: ``second``'s are shifted)."""
+    shift = sum(len(group["params"]) for group in first["param_groups"])
+    state = {**first["state"], **{int(k) + shift: v for k, v in second["state"].items()}}
+    groups = [dict(g) for g in first["param_groups"]] + [
+        {**g, "params": [int(i) + shift for i in g["params"]]} for g in second["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 # -- previews -------------------------------------------------------------------------------
@@ -379,7 +399,7 @@ def make_loaders(data: str | Path, cfg: Mapping):
 def check_input_size(shape: Sequence[int], lcfg: Mapping) -> None:
     """Refuse, before training starts, volumes too small for the discriminators (they would fail
     only when switched on, `disc_start` steps later) or for the LPIPS backbone."""
-    from medlsdm.models.discriminators import AXES
+    from medlsdm.models.slicing import AXES
 
     need = 3 * 2 ** int(lcfg["disc_layers"])  # see PatchGAN.min_size
     spatial = [int(s) for s in shape[-3:]]

@@ -61,7 +61,7 @@ def _defaults() -> dict:
         "ema": {"decay": 0.995, "every_n_steps": 10, "start_step": 2000},
         "optim": {"lr": 1e-5, "weight_decay": 0.0},
         "data": {"flip": True},
-        "trainer": {**TRAINER_DEFAULTS, "gradient_clip": 1.0},
+        "trainer": {**TRAINER_DEFAULTS, "gradient_clip": 1.0, "compile": None},   # compile: torch.compile the denoiser
     }
 
 
@@ -151,6 +151,8 @@ class DiffusionModule(pl.LightningModule):
         dcfg = self.cfg["diffusion"]
         self.denoiser = build_denoiser(denoiser_config(self.cfg, in_channels, self.table.num_classes,
                                                        latent_downsample))
+        if self.cfg["trainer"]["compile"]:
+            self.denoiser.compile()   # in place: the state dict keeps its keys
         self.schedule = NoiseSchedule(dcfg["timesteps"], kind=dcfg["schedule"])
         self.scaler = LatentScaler.from_dict(scaler_state) if scaler_state else None
 
@@ -190,7 +192,9 @@ class DiffusionModule(pl.LightningModule):
         except (TypeError, ValueError):
             raise ConfigError(f"optim.lr and optim.weight_decay must be numbers, got {ocfg['lr']!r}, "
                               f"{ocfg['weight_decay']!r}") from None
-        return torch.optim.AdamW(self.denoiser.parameters(), lr=lr, weight_decay=decay)
+        from medlsdm.training.optim import adam
+
+        return adam(self.denoiser.parameters(), lr=lr, weight_decay=decay, decoupled=True)
 
 
 def denoiser_config(cfg: Mapping, in_channels: int, num_classes: int, downsample) -> dict:
