@@ -153,9 +153,11 @@ def record_samples(out_dir: str | os.PathLike, label_map: str | os.PathLike,
                    samples: Sequence[str | os.PathLike]) -> Path:
     """Note in ``out_dir`` (an evaluation folder) the samples of one label map for the report's
     viewer, when they are not among the evaluated synthetic volumes."""
-    path = Path(out_dir) / SAMPLES_FILE
-    write_json(path, {"label_map": str(Path(label_map).resolve()),
-                      "samples": [str(Path(s).resolve()) for s in samples]})
+    from medlsdm.files import relative_path
+
+    path = Path(out_dir) / SAMPLES_FILE   # paths relative to the folder, as in metrics.json
+    write_json(path, {"label_map": relative_path(label_map, out_dir),
+                      "samples": [relative_path(s, out_dir) for s in samples]})
     return path
 
 
@@ -170,10 +172,14 @@ def report_viewer(out_dir: str | os.PathLike) -> str | None:
         if data.get("kind") != "medlsdm-quality" or not data.get("real") or not data.get("synthetic") \
                 or data.get("pairing", {}).get("n_pairs", 0) == 0:
             return None
-        cases, samples = case_rows(data["real"], data["synthetic"], data.get("labels"))
+        # Paths in the folder's JSON files are relative to the folder (absolute in older ones).
+        def where(p):
+            return None if p is None else out_dir / p
+
+        cases, samples = case_rows(where(data["real"]), where(data["synthetic"]), where(data.get("labels")))
         if (out_dir / SAMPLES_FILE).is_file():
             extra = read_json(out_dir / SAMPLES_FILE)
-            samples = samples_row(extra["label_map"], [[s] for s in extra["samples"]],
+            samples = samples_row(where(extra["label_map"]), [[where(s)] for s in extra["samples"]],
                                   Path(extra["label_map"]).name.split(".")[0])
         return viewer_block(cases, samples)
     except (MedlsdmError, OSError, KeyError) as exc:
