@@ -308,3 +308,28 @@ def test_records_read_from_files_are_checked_before_inversion():
         invert_image(np.zeros((4, 5, 6), np.float32), broken, intensity={"channels": [{"lo": 0, "hi": 1}]})
     with pytest.raises(DataError, match="'affine' must be a 4x4"):
         check_record({**record, "affine": [[1, 0], [0, 1]]}, "x")
+
+
+def test_label_maps_go_to_coarser_grids_by_partial_volumes():
+    """1.5 mm -> 3 mm (an even factor): nearest neighbour would put every new centre on a boundary
+    between two old voxels and shift the map; partial volumes keep each class's volume and place."""
+    from medlsdm.data.geometry import resample_labels
+
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[9:31, 11:29, 13:33] = 2
+    label[15:25, 15:25, 16:26] = 1
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    dst, shape = resampled_grid(affine, label.shape, 3.0)
+    out = resample_labels(label, affine, dst, shape)
+
+    def centroid(lab, aff, value):
+        idx = np.argwhere(lab == value)
+        return (idx @ aff[:3, :3].T + aff[:3, 3]).mean(axis=0)
+
+    for value in (1, 2):
+        assert (out == value).sum() * 27 == pytest.approx((label == value).sum() * 1.5 ** 3, rel=0.3)
+        assert np.allclose(centroid(out, dst, value), centroid(label, affine, value), atol=0.3)
+    # a finer grid: nearest neighbour, every value exact
+    fine, fine_shape = resampled_grid(affine, label.shape, 0.75)
+    up = resample_labels(label, affine, fine, fine_shape)
+    assert np.array_equal(up[::2, ::2, ::2], label)

@@ -18,8 +18,8 @@ from typing import Mapping, Sequence, TypedDict
 
 import numpy as np
 
-from medlsdm.data.geometry import (aligned_grid, from_canonical, resample_to_grid, resampled_grid, resized_grid,
-                                    to_canonical)
+from medlsdm.data.geometry import (aligned_grid, from_canonical, resample_labels, resample_to_grid, resampled_grid,
+                                    resized_grid, to_canonical)
 from medlsdm.data.io import Volume, check_same_grid
 from medlsdm.data.labels import LabelTable, label_dtype, remap, validate_label_map
 from medlsdm.errors import ConfigError, DataError
@@ -250,7 +250,7 @@ def _plan_geometry(label_model: np.ndarray, model_affine: np.ndarray, spec: dict
     resampled = grid_shape != shape or not np.allclose(grid_affine, model_affine, atol=1e-6)
     if not resampled:
         grid_affine = model_affine
-    grid_label = resample_to_grid(label_model, model_affine, grid_affine, grid_shape, order=0) if resampled else label_model
+    grid_label = resample_labels(label_model, model_affine, grid_affine, grid_shape) if resampled else label_model
     if spec["shape"] is not None and spec["shape_mode"] == "crop_pad":
         window = tuple(spec["shape"])
         if grid is not None and grid.cover:
