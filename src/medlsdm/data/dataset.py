@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from medlsdm.data.geometry import MODEL_AXES, spatial_axis
 from medlsdm.errors import ConfigError, DataError
 from medlsdm.files import load_array, read_json
 
@@ -21,7 +22,7 @@ SPLIT_NAMES = ("train", "val", "test")
 # Model layout (D, H, W) = (inferior->superior, posterior->anterior, left->right). Only W
 # (left-right) is flipped by default: anatomy is roughly mirror-symmetric left to right, but not
 # head to foot or front to back, so flipping those would teach the model impossible images.
-AXES = {"D": 0, "H": 1, "W": 2}
+AXES = {name: spatial_axis(name) for name in MODEL_AXES}   # array axis of (D, H, W)
 
 
 def load_manifest(root: str | Path) -> dict:

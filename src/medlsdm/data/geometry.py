@@ -13,6 +13,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medlsdm.errors import ConfigError
+
 RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
 
 
@@ -49,7 +51,21 @@ def from_canonical(array: np.ndarray, affine: np.ndarray, ornt) -> tuple[np.ndar
     return np.ascontiguousarray(out), new_affine
 
 
-def _spacing(affine: np.ndarray) -> np.ndarray:
+MODEL_AXES = ("D", "H", "W")
+"""Model layout: the spatial axes of every array and tensor inside the models, (D, H, W) =
+(inferior->superior, posterior->anterior, left->right); arrays are (..., D, H, W)."""
+
+
+def spatial_axis(name: str) -> int:
+    """Index 0, 1, 2 of a model-layout axis name among the spatial axes (its dimension in an
+    array or tensor is ``ndim - 3 + index``)."""
+    if name not in MODEL_AXES:
+        raise ConfigError(f"axis must be one of {', '.join(MODEL_AXES)} (model layout), got {name!r}")
+    return MODEL_AXES.index(name)
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size along each voxel axis of `affine` (the norms of its columns), in mm."""
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
 
 
@@ -57,7 +73,7 @@ def _corner_aligned(affine: np.ndarray, new_spacing: np.ndarray) -> np.ndarray:
     """Affine with the same direction cosines and the same outer corner of voxel 0 (index
     -0.5 on every axis), at `new_spacing`."""
     affine = np.asarray(affine, dtype=np.float64)
-    directions = affine[:3, :3] / _spacing(affine)
+    directions = affine[:3, :3] / voxel_spacing(affine)
     corner = affine[:3, :3] @ np.full(3, -0.5) + affine[:3, 3]
     new = np.eye(4)
     new[:3, :3] = directions * new_spacing
@@ -70,7 +86,7 @@ def resampled_grid(
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Grid at `new_spacing` (per voxel axis; None keeps that axis) with the same direction
     cosines and physical extent: corner-aligned, ``new_shape = round(shape * old / new)``."""
-    old = _spacing(affine)
+    old = voxel_spacing(affine)
     if np.isscalar(new_spacing):
         new_spacing = [new_spacing] * 3
     new = np.array([o if n is None else float(n) for o, n in zip(old, new_spacing)])
@@ -89,7 +105,7 @@ def aligned_grid(
     affine = np.asarray(affine, dtype=np.float64)
     directions = np.asarray(directions, dtype=np.float64)
     new = np.asarray(new_spacing, dtype=np.float64)
-    if np.allclose(affine[:3, :3] / _spacing(affine), directions, atol=1e-4):
+    if np.allclose(affine[:3, :3] / voxel_spacing(affine), directions, atol=1e-4):
         return resampled_grid(affine, shape, new)
     # Outer corners of the source volume (indices -0.5 and n - 0.5) in world mm, then in the new
     # axes' coordinates: their bounding box is the region the new grid must cover.
@@ -108,7 +124,7 @@ def aligned_grid(
 
 def resized_grid(affine: np.ndarray, shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray:
     """Affine of a grid of exactly `new_shape` voxels covering the same extent as (`affine`, `shape`)."""
-    new_spacing = _spacing(affine) * np.asarray(shape[-3:], dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
+    new_spacing = voxel_spacing(affine) * np.asarray(shape[-3:], dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
     return _corner_aligned(affine, new_spacing)
 
 

@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from medlsdm.data.geometry import voxel_spacing
 from medlsdm.errors import DataError, MedlsdmError
 from medlsdm.evaluation.metrics import json_safe
 from medlsdm.evaluation.pairing import (VolumeFiles, load_image, load_label, refuse_same_folder,
@@ -50,10 +51,6 @@ NEAREST_SCOPE = (
 __all__ = ["audit_folders", "stack_volumes"]
 
 
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-
-
 def stack_volumes(files: Sequence[VolumeFiles], path: Path, reference: tuple | None = None,
                   progress: bool = False, desc: str = "reading") -> tuple[np.ndarray, tuple]:
     """All volumes into one (N, C, X, Y, Z) float32 .npy at ``path``, opened memory-mapped
@@ -66,14 +63,14 @@ def stack_volumes(files: Sequence[VolumeFiles], path: Path, reference: tuple | N
     for i, f in enumerate(tqdm(files, desc=desc, disable=not progress, leave=False)):
         arr, affine = load_image(f)
         if reference is None:
-            reference = (arr.shape, _spacing(affine), f.display)
+            reference = (arr.shape, voxel_spacing(affine), f.display)
         shape, spacing, ref_name = reference
         if arr.shape != tuple(shape):
             raise DataError(f"volumes must share one grid: {f.display} has shape {arr.shape} "
                             f"(channels first), {ref_name} has {tuple(shape)}")
-        if not np.allclose(_spacing(affine), spacing, rtol=1e-3, atol=1e-4):
+        if not np.allclose(voxel_spacing(affine), spacing, rtol=1e-3, atol=1e-4):
             raise DataError(f"volumes must share one grid: {f.display} has spacing "
-                            f"{np.round(_spacing(affine), 4).tolist()}, {ref_name} has {np.round(spacing, 4).tolist()}")
+                            f"{np.round(voxel_spacing(affine), 4).tolist()}, {ref_name} has {np.round(spacing, 4).tolist()}")
         if out is None:
             out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(files), *arr.shape))
         out[i] = arr

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medlsdm.data.geometry import MODEL_AXES, spatial_axis
 from medlsdm.errors import DataError, MedlsdmError
 from medlsdm.files import atomic_output, ensure_writable_dir
 
@@ -518,7 +519,6 @@ class RandomConv3DFeatures:
 
 # ============================================================================ slices and cache
 
-_AXES = {"D": 0, "H": 1, "W": 2}
 
 
 def slices_for_fid(volume, axes: Sequence[str] = ("D", "H", "W"), every: int = 1,
@@ -542,9 +542,9 @@ def slices_for_fid(volume, axes: Sequence[str] = ("D", "H", "W"), every: int = 1
     unit = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
     out = {}
     for axis in axes:
-        if axis not in _AXES:
+        if axis not in MODEL_AXES:
             raise MedlsdmError(f"unknown slice axis {axis!r}; use 'D', 'H' or 'W'")
-        stack = np.moveaxis(unit, _AXES[axis], 0)[::every]
+        stack = np.moveaxis(unit, spatial_axis(axis), 0)[::every]
         if skip_blank:
             stack = stack[np.ptp(stack.reshape(len(stack), -1), axis=1) > 0]
         out[axis] = np.ascontiguousarray(stack)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medlsdm.data.geometry import MODEL_AXES
 from medlsdm.errors import DataError, MedlsdmError
 from medlsdm.evaluation import metrics as M
 from medlsdm.evaluation.diversity import mean_pairwise_ms_ssim
@@ -52,7 +53,7 @@ PAIRED_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae")
 QUALITY_METRICS = PAIRED_METRICS + ("lpips", "fid2d", "fid3d", "fid3d_random", "mmd", "diversity")
 LPIPS_NETS = ("vgg", "alex")
 MMD_POOL = 8           # side of the pooled intensity grid for feature-free MMD
-FID_AXES = ("D", "H", "W")
+FID_AXES = MODEL_AXES   # slices along every axis of the model layout
 
 
 def resolve_metrics(metrics: Sequence[str] | str | None) -> tuple[list[str], bool]:

@@ -7,9 +7,10 @@ from typing import Sequence
 
 import torch
 
+from medlsdm.data.geometry import MODEL_AXES, spatial_axis
 from medlsdm.errors import ConfigError
 
-AXES = {"D": 2, "H": 3, "W": 4}   # axis name -> tensor dimension of (B, C, D, H, W)
+AXES = {name: 2 + spatial_axis(name) for name in MODEL_AXES}   # tensor dimension in (B, C, D, H, W)
 
 
 def axis_dim(name) -> int:
