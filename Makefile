@@ -46,7 +46,7 @@ browser:
 	else echo "chromium not found (installing it needs root and apt-get): the browser tests will be skipped"; fi
 
 test: $(VENV)/.test-extra browser
-	$(BIN)/python -m pytest -q tests
+	PYTHONUTF8=1 $(BIN)/python -m pytest -q tests   # UTF-8 whatever the locale (torch.compile reads its templates so)
 
 clean-env:
 	rm -rf $(VENV)

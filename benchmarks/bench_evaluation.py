@@ -90,7 +90,7 @@ def main():
     from medlsdm.evaluation.quality import evaluate_quality
     from medlsdm.evaluation.report import build_report
     from medlsdm.evaluation.segmentation import evaluate_segmentation
-    from medlsdm.generate import sample_to_files
+    from medlsdm.inference import sample_to_files
 
     log = {}
     for name, file in (("lpips-vgg-backbone", "vgg16-features.pth"), ("lpips-alex-backbone", "alexnet-features.pth"),

@@ -104,7 +104,8 @@ def test_inference_imports_no_lightning_and_no_training_code():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
             "or m.startswith(('medlsdm.training', 'medlsdm.evaluation')))\n"
             "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                            errors="replace")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

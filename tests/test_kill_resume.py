@@ -81,7 +81,8 @@ def test_sigkill_at_random_moments_resumes_from_the_last_good_checkpoint(tmp_pat
         argv = [sys.executable, str(driver), "train", "diffusion", "--data", str(data), "--out", str(run)]
         for item in [*PIXEL_TINY, f"trainer.max_steps={max_steps}"]:
             argv += ["--set", item]
-        return subprocess.Popen(argv, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(argv, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                encoding="utf-8", errors="replace")
 
     def resumed_step(output: str) -> int | None:
         match = re.search(r"resuming from \S+ \(step (\d+)\)", output)

@@ -88,7 +88,7 @@ def one_thread():
 def test_shipped_demo_weights_give_the_outputs_recorded_before(one_thread):
     """Bit for bit: the denoiser and the SPADE decoder of the shipped demo model on fixed inputs,
     against tests/data/demo_outputs_d8b91bc.npz (written by the code of commit d8b91bc)."""
-    from medlsdm.generate import load_model
+    from medlsdm.inference import load_model
 
     rec = np.load(RECORDED)
     for name in ("autoencoder", "diffusion"):

@@ -202,7 +202,7 @@ def test_score_computes_per_reader_and_pooled(built, tmp_path, capsys):
     assert main(again) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert main(again + ["--overwrite"]) == 0
     report = (tmp_path / "score" / "report.html").read_text(encoding="utf-8")
-    assert "Turing test" in report and "figures/ratings.png" in report
+    assert "Turing test" in report and "<img src='data:image/png;base64," in report   # figures embedded
     assert (tmp_path / "score" / "figures" / "turing.png").stat().st_size > 1000
 
 

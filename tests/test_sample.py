@@ -169,7 +169,7 @@ def test_unconditional_grid_falls_back_to_the_training_spacing(runs):
     are written at the training cases' median voxel size recorded in the sidecar."""
     from medlsdm.data.dataset import load_manifest
     from medlsdm.inference.pipeline import unconditional_record as _unconditional_record
-    from medlsdm.training.diffusion import prepared_spacing
+    from medlsdm.training.export import prepared_spacing
 
     manifest = load_manifest(runs["data"])
     first = np.asarray(manifest["cases"][0]["record"]["affine"])
@@ -194,7 +194,7 @@ def test_attach_decoder_gives_a_trained_run_a_spade_decoder(runs, tmp_path):
 
     from diffusion_runs import AE_TINY, sets
     from medlsdm.errors import ConfigError
-    from medlsdm.training.diffusion import attach_decoder
+    from medlsdm.training.export import attach_decoder
 
     spade = tmp_path / "spade"
     assert cli.main(["train", "autoencoder", "--data", str(runs["data"]), "--out", str(spade),

@@ -57,7 +57,8 @@ def train_demo_models(prepared: Path, runs: Path, budget_minutes: float, overrid
     replaces the plain decoder in the diffusion run. Autoencoders train on random patches of at
     most `patch`^3 voxels."""
     from medlsdm.training.autoencoder import train_autoencoder
-    from medlsdm.training.diffusion import attach_decoder, train_diffusion
+    from medlsdm.training.diffusion import train_diffusion
+    from medlsdm.training.export import attach_decoder
 
     patches = f"data.patch_size=[{patch}, {patch}, {patch}]"
     # A stage whose weights exist finished in an earlier run of the demo: it is reused as it is
@@ -90,19 +91,19 @@ def run_demo(out: str | Path = "demo_output", train: bool = False, budget_minute
     returns the headline numbers."""
     with owned_output(out, "demo", recognise=lambda folder: (folder / "cohort" / "dataset.json").is_file()):
         return _run_demo(Path(out), train, budget_minutes, n_subjects, n_test, shape, spacing, steps, seed,
-                         segmentation_minutes, segmentation_epochs, train_overrides)
+                         segmentation_steps, segmentation_epochs, train_overrides)
 
 
 def _run_demo(out: Path, train, budget_minutes, n_subjects, n_test, shape, spacing, steps, seed,
-              segmentation_minutes, segmentation_epochs, train_overrides) -> dict:
+              segmentation_steps, segmentation_epochs, train_overrides) -> dict:
     from medlsdm.data.demo import write_demo_cohort
     from medlsdm.data.prepare import prepare_dataset
     from medlsdm.evaluation.audit import audit_folders
     from medlsdm.evaluation.quality import evaluate_quality
     from medlsdm.evaluation.report import build_report
     from medlsdm.evaluation.segmentation import evaluate_segmentation
-    from medlsdm.inference import sample_to_files
     from medlsdm.evaluation.viewer import record_samples
+    from medlsdm.inference import sample_to_files
 
     n = 7
     cohort = out / "cohort"

@@ -240,8 +240,6 @@ def _prepared_case(root: Path, case_id: str) -> tuple[dict, dict]:
 
 
 def _inspect_prepared(root: Path, case_id: str, table: str | None) -> tuple[list[str], object, object]:
-    import numpy as np
-
     from medlsdm.data.labels import read_label_table
     from medlsdm.data.preprocess import prepared_affine
     from medlsdm.files import load_array

@@ -80,7 +80,7 @@ def _run_diffusion(args) -> int:
 
 
 def _run_attach(args) -> int:
-    from medlsdm.training.diffusion import attach_decoder
+    from medlsdm.training.export import attach_decoder
 
     print(f"autoencoder of {args.model}: {attach_decoder(args.model, args.autoencoder)}")
     return 0

@@ -57,7 +57,7 @@ def sample_label_edit(model_dir: str | Path, label_path: str | Path, edits: Sequ
                          progress=progress)[0].float().cpu().numpy() for lab in (label, edited)]
 
     stem = volume_stem(Path(label_path))
-    folder_path = ensure_writable_dir(Path(out) / folder)
+    ensure_writable_dir(Path(out) / folder)
     files = {"edited_label_map": f"{folder}/{stem}_edited.nii.gz",
              "original_sample": f"{folder}/{stem}_original_sample.nii.gz",
              "edited_sample": f"{folder}/{stem}_edited_sample.nii.gz"}

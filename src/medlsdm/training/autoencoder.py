@@ -22,6 +22,8 @@ from medlsdm.config import stage_config
 from medlsdm.data.labels import LabelTable, one_hot
 from medlsdm.errors import ConfigError, MedlsdmError
 from medlsdm.inference.model import load_autoencoder
+from medlsdm.training.callbacks import ReconstructionPreview
+from medlsdm.training.export import export_autoencoder
 from medlsdm.training.runner import TRAINER_DEFAULTS, check_finite
 
 log = logging.getLogger(__name__)
@@ -328,40 +330,6 @@ def merge_optimizer_states(first: Mapping, second: Mapping) -> dict:
 
 # -- previews -------------------------------------------------------------------------------
 
-def save_preview(path: Path, image: torch.Tensor, recon: torch.Tensor, label: torch.Tensor) -> None:
-    """Three orthogonal slices (first channel): input | reconstruction | label map."""
-    from medlsdm.viz import montage, save_png, three_plane
-
-    img, rec, lab = image[0].float().numpy(), recon[0].float().numpy(), label.numpy()
-    rows = [[three_plane(img), three_plane(rec), three_plane(img, label=lab)]]
-    save_png(path, montage(rows, titles=["input", "reconstruction", "label map"]))
-
-
-class PreviewCallback(pl.Callback):
-    """Every `every_n_steps` steps and at the end of training, the reconstruction of one fixed
-    case (the first validation case, else the first training case) as previews/stepNNNNNNN.png."""
-
-    def __init__(self, folder: Path, sample: Mapping, every_n_steps: int):
-        self.folder, self.sample, self.every = Path(folder), sample, int(every_n_steps)
-        self._last = -1
-
-    def _save(self, trainer, module: AutoencoderModule) -> None:
-        if not trainer.is_global_zero or trainer.global_step == self._last:
-            return
-        image = torch.as_tensor(self.sample["image"])[None].to(module.device)
-        label = torch.as_tensor(self.sample["label"])[None].to(module.device)
-        recon = module.reconstruct(image, label)
-        save_preview(self.folder / f"step{trainer.global_step:07d}.png", image[0].cpu(), recon[0].cpu(),
-                     label[0, 0].cpu())
-        self._last = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every > 0 and trainer.global_step % self.every == 0:
-            self._save(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self._save(trainer, pl_module)
-
 
 # -- the stage as a function ----------------------------------------------------------------
 
@@ -423,52 +391,6 @@ def check_input_size(shape: Sequence[int], lcfg: Mapping) -> None:
             f"{lcfg['perceptual_net']} (it needs >= {need_lpips} pixels); use vgg, larger patches or loss.perceptual=0")
 
 
-@torch.no_grad()
-def latent_statistics(autoencoder, loader, device) -> dict:
-    """Per-channel mean/std and global min/max of the continuous latents of a dataset, plus the
-    codebook range (the reference's min-max scaling uses the latter). Eval mode: the codebook
-    is not touched."""
-    autoencoder.eval()
-    total, total_sq, count = 0.0, 0.0, 0
-    lo, hi = float("inf"), float("-inf")
-    for batch in loader:
-        z = autoencoder.encode(batch["image"].to(device)).double()
-        dims = [0, 2, 3, 4]
-        total = total + z.sum(dims)
-        total_sq = total_sq + (z**2).sum(dims)
-        count += z.numel() // z.shape[1]
-        lo, hi = min(lo, z.min().item()), max(hi, z.max().item())
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
-    cmin, cmax = autoencoder.quantizer.codebook_range()
-    return {"mean": mean.tolist(), "std": std.tolist(), "min": lo, "max": hi,
-            "codebook_min": float(cmin), "codebook_max": float(cmax), "volumes": len(loader.dataset)}
-
-
-def _export(run_dir: Path, module: AutoencoderModule, data, manifest: Mapping, cfg: Mapping, step: int) -> Path:
-    """autoencoder.safetensors + autoencoder.json from the trained model."""
-    from torch.utils.data import DataLoader
-
-    from medlsdm.data.dataset import PreparedDataset
-    from medlsdm.weights import save_weights
-
-    # Statistics over whole, un-augmented training volumes: what stage 2 will encode.
-    loader = DataLoader(PreparedDataset(data, split="train"), batch_size=1)
-    stats = latent_statistics(module.autoencoder, loader, module.device)
-    return save_weights(run_dir / "autoencoder.safetensors", module.autoencoder.state_dict(), {
-        "kind": "autoencoder",
-        "model": cfg["model"],
-        "in_channels": len(manifest["channels"]),
-        "channels": manifest["channels"],
-        "label_table": manifest["label_table"],
-        "modality": manifest.get("modality"),
-        "prepare_spec": manifest.get("spec", {}),
-        "latent_statistics": stats,
-        "steps": int(step),
-        "config": cfg,
-    })
-
-
 def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping | None = None,
                       overrides=()) -> Path:
     """Train (or resume) stage 1 on a prepared dataset; returns the exported weights path."""
@@ -482,7 +404,7 @@ def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping |
     run_dir, resume = prepare_run_dir(out, {**cfg, "data_dir": str(Path(data).resolve())})
     pl.seed_everything(cfg["trainer"]["seed"], workers=True, verbose=False)
     module = AutoencoderModule(cfg, in_channels=len(manifest["channels"]), label_table=manifest["label_table"])
-    previews = PreviewCallback(run_dir / "previews", preview, cfg["trainer"]["preview_every_n_steps"])
+    previews = ReconstructionPreview(run_dir / "previews", preview, cfg["trainer"]["preview_every_n_steps"])
     trainer = build_trainer(run_dir, cfg["trainer"], callbacks=[previews],
                             monitor="val/l1" if val_loader is not None else None, find_unused_parameters=True)
     # Lightning warns that a periodic checkpoint of a manually optimised module holds the state
@@ -490,6 +412,6 @@ def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping |
     fit(trainer, module, train_loader, val_loader, resume, ignore=["Using ModelCheckpoint with manual optimization"])
     weights = run_dir / "autoencoder.safetensors"
     if trainer.is_global_zero:
-        _export(run_dir, module, data, manifest, cfg, trainer.global_step)
+        export_autoencoder(run_dir, module, data, manifest, cfg, trainer.global_step)
         log.info("autoencoder trained for %d steps: %s", trainer.global_step, weights)
     return weights
