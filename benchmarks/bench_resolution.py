@@ -8,7 +8,7 @@ A U-Net trained once on the real 3 mm training images (fixed epochs, seeded) the
 real and the synthetic test images, all resampled onto the 3 mm test grid, against the 3 mm test
 label maps: tissue Dice per case, real vs synthetic, and their ratio.
 
-    python benchmarks/bench_resolution.py --out /tmp/bench_resolution --before /tmp/base/src
+    python benchmarks/bench_resolution.py --out /tmp/bench_resolution --before /tmp/base/src [--redo after]
 
 Sampling runs in a subprocess per (code, resolution), which reports wall and own-CPU time for the
 label-map preparation and for the whole `sample_to_files` call.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def _on_grid(path: Path, affine: np.ndarray, shape, order: int) -> np.ndarray:
     return resample_to_grid(array, image.affine, affine, shape, order=order, antialias=order > 0)
 
 
-def segmentation(cohorts: dict, samples: dict, epochs: int, seed: int) -> dict:
+def segmentation(cohorts: dict, samples: dict, steps: int, seed: int) -> dict:
     """Per case tissue Dice (mean over the 3 classes) of real and synthetic test images on the 3 mm grid."""
     import nibabel as nib
     import torch
@@ -104,7 +105,17 @@ def segmentation(cohorts: dict, samples: dict, epochs: int, seed: int) -> dict:
         label = np.asarray(nib.load(str(base / "labels" / path.name)).dataobj).astype(np.int64)
         train.append(SegCase(path.name, normalise_percentiles(image), label, str(path)))
     patch = (64, 64, 64)
-    net, info = train_segmenter(train, 4, patch, epochs=epochs, seed=seed, progress=False)
+    cache = base.parent / f"segmenter_{steps}steps_seed{seed}.pt"   # trained once, reused by re-runs
+    if cache.is_file():
+        from medlsdm.evaluation.segmentation import build_network
+
+        net = build_network(1, 4)
+        net.load_state_dict(torch.load(cache, weights_only=True))
+        net.eval()
+        info = {"steps": steps, "cached": cache.name}
+    else:
+        net, info = train_segmenter(train, 4, patch, steps=steps, seed=seed, progress=False)
+        torch.save(net.state_dict(), cache)
 
     def dice(image: np.ndarray, label: np.ndarray) -> float:
         pred = predict(net, normalise_percentiles(image[None]), patch)
@@ -134,7 +145,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="src folder of the code to compare with")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seg-epochs", type=int, default=60)
+    parser.add_argument("--seg-steps", type=int, default=600, help="segmenter training steps (batch 2, 64^3 patches)")
+    parser.add_argument("--redo", nargs="*", default=[], help="codes whose samples are made again (e.g. after)")
     parser.add_argument("--n-subjects", type=int, default=24)
     parser.add_argument("--n-test", type=int, default=4)
     args = parser.parse_args()
@@ -148,13 +160,15 @@ def main() -> None:
         samples[code] = args.out / f"samples_{code}"
         for name, folder in cohorts.items():
             target = samples[code] / name
+            if code in args.redo and target.is_dir():
+                shutil.rmtree(target)
             if not (target / "sampling_done.json").is_file():
                 result = run_sampling(src, folder / "labelsTs", target, args.steps, args.threads)
                 target.mkdir(parents=True, exist_ok=True)
                 (target / "sampling_done.json").write_text(json.dumps(result), encoding="utf-8")
             timing[f"{code} {name}"] = json.loads((target / "sampling_done.json").read_text(encoding="utf-8"))
             print(code, name, timing[f"{code} {name}"], flush=True)
-    seg = segmentation(cohorts, samples, args.seg_epochs, seed=0)
+    seg = segmentation(cohorts, samples, args.seg_steps, seed=0)
     result = {"timing": timing, **seg, "steps": args.steps, "threads": args.threads}
     (args.out / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     cols = sorted({k for row in seg["per_case"].values() for k in row})

@@ -52,29 +52,25 @@ def _save(path: Path, array, affine):
     return path
 
 
-def brats2021(root: Path, n: int = 6, seed: int = 0) -> Path:
-    """BraTS 2018-2021 names, 4 modalities, labels 0, 1, 2, 4 (4 = enhancing)."""
+def _brats(root: Path, cases, modalities, sep: str, values, seed: int) -> Path:
     rng = np.random.default_rng(seed)
-    for i in range(n):
-        case = f"BraTS2021_{i:05d}"
-        label, images, affine = _case(rng, values=(2, 1, 4), tumour=True)   # edema > necrosis > enhancing
-        for k, mod in enumerate(("t1", "t1ce", "t2", "flair")):
-            _save(root / case / f"{case}_{mod}.nii.gz", images[k], affine)
-        _save(root / case / f"{case}_seg.nii.gz", label, affine)
+    for case in cases:
+        label, images, affine = _case(rng, values=values, tumour=True)
+        for k, mod in enumerate(modalities):
+            _save(root / case / f"{case}{sep}{mod}.nii.gz", images[k], affine)
+        _save(root / case / f"{case}{sep}seg.nii.gz", label, affine)
     return root
+
+
+def brats2021(root: Path, n: int = 6, seed: int = 0) -> Path:
+    """BraTS 2018-2021 names, 4 modalities, labels 0, 1, 2, 4 (edema > necrosis > enhancing 4)."""
+    return _brats(root, [f"BraTS2021_{i:05d}" for i in range(n)], ("t1", "t1ce", "t2", "flair"), "_", (2, 1, 4), seed)
 
 
 def brats2023(root: Path, n_subjects: int = 4, seed: int = 1) -> Path:
     """BraTS 2023 names, 4 modalities, labels 0..3; every subject has a baseline and a follow-up."""
-    rng = np.random.default_rng(seed)
-    for s in range(n_subjects):
-        for t in range(2):
-            case = f"BraTS-GLI-{s:05d}-{t:03d}"
-            label, images, affine = _case(rng, values=(2, 1, 3), tumour=True)
-            for k, mod in enumerate(("t1n", "t1c", "t2w", "t2f")):
-                _save(root / case / f"{case}-{mod}.nii.gz", images[k], affine)
-            _save(root / case / f"{case}-seg.nii.gz", label, affine)
-    return root
+    cases = [f"BraTS-GLI-{s:05d}-{t:03d}" for s in range(n_subjects) for t in range(2)]
+    return _brats(root, cases, ("t1n", "t1c", "t2w", "t2f"), "-", (2, 1, 3), seed)
 
 
 def autopet(root: Path, n_patients: int = 3, seed: int = 2) -> Path:

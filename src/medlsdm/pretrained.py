@@ -144,11 +144,9 @@ def hub_checkpoints() -> Path:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from medlsdm.files import file_sha256
+
+    return file_sha256(path)
 
 
 def network(name: str) -> Network:
