@@ -127,7 +127,9 @@ def test_sigkill_at_random_moments_resumes_from_the_last_good_checkpoint(tmp_pat
         state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert state["global_step"] == reached + 2 * INTERVAL
         previous = torch.load(run / "checkpoints" / "previous.ckpt", map_location="cpu", weights_only=True)
-        assert previous["global_step"] == reached + INTERVAL
+        # the periodic checkpoint before the final step (the last run may have been killed at an odd step)
+        final_step = reached + 2 * INTERVAL
+        assert previous["global_step"] == (final_step - 1) // INTERVAL * INTERVAL
         assert _temps(run) == [] and not (run / ".medlsdm.lock").exists()
         assert not [p for p in other_tmp.rglob("*") if "ckpt" in p.name]  # no checkpoint goes through TMPDIR
         assert during_write >= 3 and temps_left >= 1  # the hard moments were hit, and cleaned up
