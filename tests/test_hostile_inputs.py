@@ -608,6 +608,9 @@ def test_training_into_a_foreign_folder_is_refused(tmp_path):
         prepare_run_dir(foreign, {"trainer": {}, "data_dir": str(tmp_path / "data")})
     with pytest.raises(MedlsdmError, match="is inside the input"):
         prepare_run_dir(tmp_path / "data" / "run", {"trainer": {}, "data_dir": str(tmp_path / "data")})
+    # asked for (`train ... --overwrite`): the run goes in beside what the folder holds, which stays
+    run_dir, resume = prepare_run_dir(foreign, {"trainer": {}, "data_dir": str(tmp_path / "data")}, overwrite=True)
+    assert resume is None and (foreign / "config.yaml").is_file() and (foreign / "paper.pdf").read_bytes() == b"%PDF"
 
 
 # ---------------------------------------------------------------------------- provenance

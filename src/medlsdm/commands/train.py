@@ -12,6 +12,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="preset name (e.g. demo, brats) or YAML file; its stage section is used")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set trainer.max_steps=5000 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an existing folder that training did not create (inputs are never replaced)")
 
 
 def register(sub) -> None:
@@ -65,7 +67,7 @@ def _run_autoencoder(args) -> int:
 
     _quiet_lightning_duplicates()
 
-    weights = train_autoencoder(args.data, args.out, args.config, args.overrides)
+    weights = train_autoencoder(args.data, args.out, args.config, args.overrides, overwrite=args.overwrite)
     print(f"autoencoder weights: {weights}")
     return 0
 
@@ -74,7 +76,8 @@ def _run_diffusion(args) -> int:
     from medlsdm.training.diffusion import train_diffusion
 
     _quiet_lightning_duplicates()
-    weights = train_diffusion(args.data, args.out, args.autoencoder, args.config, args.overrides)
+    weights = train_diffusion(args.data, args.out, args.autoencoder, args.config, args.overrides,
+                              overwrite=args.overwrite)
     print(f"diffusion weights: {weights}")
     return 0
 

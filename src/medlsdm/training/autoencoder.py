@@ -392,8 +392,9 @@ def check_input_size(shape: Sequence[int], lcfg: Mapping) -> None:
 
 
 def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping | None = None,
-                      overrides=()) -> Path:
-    """Train (or resume) stage 1 on a prepared dataset; returns the exported weights path."""
+                      overrides=(), overwrite: bool = False) -> Path:
+    """Train (or resume) stage 1 on a prepared dataset; returns the exported weights path.
+    `overwrite`: `out` may be a folder that training did not create (inputs are never replaced)."""
     from medlsdm.training.runner import build_trainer, fit, prepare_run_dir
 
     cfg = stage_config(AUTOENCODER_DEFAULTS, config, overrides, section="autoencoder")
@@ -401,7 +402,7 @@ def train_autoencoder(data: str | Path, out: str | Path, config: str | Mapping |
         raise ConfigError(f"model.decoder must be 'plain' or 'spade', not {cfg['model']['decoder']!r}")
     manifest, train_loader, val_loader, preview = make_loaders(data, cfg)
     check_input_size(train_loader.dataset[0]["image"].shape, cfg["loss"])
-    run_dir, resume = prepare_run_dir(out, {**cfg, "data_dir": str(Path(data).resolve())})
+    run_dir, resume = prepare_run_dir(out, {**cfg, "data_dir": str(Path(data).resolve())}, overwrite=overwrite)
     pl.seed_everything(cfg["trainer"]["seed"], workers=True, verbose=False)
     module = AutoencoderModule(cfg, in_channels=len(manifest["channels"]), label_table=manifest["label_table"])
     previews = ReconstructionPreview(run_dir / "previews", preview, cfg["trainer"]["preview_every_n_steps"])

@@ -203,8 +203,9 @@ def _latent_setup(cfg: Mapping, data, manifest: Mapping, autoencoder, run_dir: P
 
 
 def train_diffusion(data: str | Path, out: str | Path, autoencoder: str | Path | None = None,
-                    config: str | Mapping | None = None, overrides=()) -> Path:
-    """Train (or resume) stage 2; returns the exported `diffusion.safetensors` path.
+                    config: str | Mapping | None = None, overrides=(), overwrite: bool = False) -> Path:
+    """Train (or resume) stage 2; returns the exported `diffusion.safetensors` path (`overwrite`:
+    `out` may be a folder that training did not create; inputs are never replaced).
 
     The run directory is self-contained: it also holds a copy of the autoencoder weights, so
     `medlsdm sample --model RUN_DIR` needs nothing else.
@@ -219,7 +220,8 @@ def train_diffusion(data: str | Path, out: str | Path, autoencoder: str | Path |
     tcfg = cfg["trainer"]
     preview = preview_case(data)
     run_dir, resume = prepare_run_dir(out, {**cfg, "data_dir": str(Path(data).resolve()),
-                                            "autoencoder_dir": str(Path(autoencoder).resolve()) if autoencoder else None})
+                                            "autoencoder_dir": str(Path(autoencoder).resolve()) if autoencoder else None},
+                                    overwrite=overwrite)
     pl.seed_everything(tcfg["seed"], workers=True, verbose=False)
 
     ae = None
