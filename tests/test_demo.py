@@ -14,7 +14,8 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     original = demo.run_demo
 
     def tiny(out, **kwargs):
-        kwargs.update(n_subjects=5, n_test=1, shape=24, spacing=8.0, steps=2, segmentation_epochs=1,
+        # two held-out subjects: the privacy audit then calibrates on held-out cases, as in the real demo
+        kwargs.update(n_subjects=6, n_test=2, shape=24, spacing=8.0, steps=2, segmentation_epochs=1,
                       train_overrides=["trainer.progress_bar=false"])
         return original(out, **kwargs)
 
@@ -22,7 +23,7 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--train", "--budget-minutes", "0.15"]) == 0
     out = tmp_path / "demo"
     synthetic = sorted((out / "synthetic").glob("*.nii.gz"))
-    assert [p.name for p in synthetic] == ["subject_004_sample0.nii.gz"]
+    assert [p.name for p in synthetic] == ["subject_004_sample0.nii.gz", "subject_005_sample0.nii.gz"]
     label = nib.load(str(out / "cohort" / "labelsTs" / "subject_004.nii.gz"))
     image = nib.load(str(synthetic[0]))
     assert image.shape == label.shape and (image.affine == label.affine).all()
@@ -55,7 +56,8 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     assert digests() == before
     assert {"runs/autoencoder/autoencoder.safetensors", "runs/diffusion/diffusion.safetensors",
             "runs/diffusion/autoencoder.safetensors"} <= set(before)
-    assert [p.name for p in sorted((out / "synthetic").glob("*.nii.gz"))] == ["subject_004_sample0.nii.gz"]
+    assert [p.name for p in sorted((out / "synthetic").glob("*.nii.gz"))] == ["subject_004_sample0.nii.gz",
+                                                                           "subject_005_sample0.nii.gz"]
 
 
 def test_shipped_demo_model_samples_on_the_label_maps_grid(tmp_path):

@@ -141,7 +141,7 @@ def _run_demo(out: Path, train, budget_minutes, n_subjects, n_test, shape, spaci
     segmentation = evaluate_segmentation(train_real, test_real, synthetic, evaluation, steps=segmentation_steps,
                                          epochs=segmentation_epochs, seed=seed, protocols=["real"])
     # The held-out cases calibrate the copy audit (the synthetic volumes come from their label maps).
-    privacy = audit_folders(cohort / "images", synthetic, evaluation, held_out=test_real)
+    privacy = audit_folders(train_real, synthetic, evaluation, held_out=test_real)
     _step(6, n, f"label-map editing: {SHOWCASE_EDIT.describe()} in {first.name}, sampled from the same noise")
     edit = run_label_edit(model_dir, first, [SHOWCASE_EDIT], evaluation, seed=seed, steps=steps)
     _step(7, n, "writing the report")
