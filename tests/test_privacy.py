@@ -235,6 +235,7 @@ def test_privacy_command_on_folders_uses_the_copy_audit(tmp_path, capsys):
                  "--synthetic", str(syn), "--out", str(out)]) == 0
     result = json.loads((out / "privacy.json").read_text(encoding="utf-8"))
     assert result["mode"] == "conditional" and result["map_cases"]["t2_sample0"] == "t2"
+    assert result["train"] == "../train" and str(tmp_path) not in json.dumps(result)   # relative paths
     # the copy is flagged and far above everything else (with 4 held-out cases an honest sample
     # exceeds their maximum with probability about 1/5: the baseline rate)
     assert result["flagged"][0]["synthetic_id"] == "t2_sample0" and result["flagged"][0]["train_id"] == "t2"

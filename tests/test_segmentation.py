@@ -67,6 +67,7 @@ def test_real_network_learns_and_copies_show_no_gap(copies_result):
     assert written["domain_gap"]["dice_synthetic"] == pytest.approx(written["domain_gap"]["dice_real"])
     assert written["num_classes"] == 3 and written["settings"]["patch"] == [16, 16, 16]
     assert (out / written["figures"][0]["path"]).is_file()
+    assert not any(str(v).startswith("/") for v in (written["train_real"], written["test_real"], written["synthetic"]))
 
 
 def test_synthetic_training_protocols_use_training_label_maps_only(copies_result):

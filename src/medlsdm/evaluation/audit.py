@@ -124,7 +124,7 @@ def audit_folders(train: str | os.PathLike, synthetic: str | os.PathLike, out_di
     Repeat scans of one subject (when the layout gives subject IDs) are never compared with each
     other, and held-out cases of a training subject do not calibrate the threshold.
     """
-    from medlsdm.files import ensure_writable_dir, write_json
+    from medlsdm.files import ensure_writable_dir, relative_path, write_json
 
     if mask not in (None, "foreground"):
         raise MedlsdmError(f"--mask: only 'foreground' is supported, got {mask!r}")
@@ -146,8 +146,9 @@ def audit_folders(train: str | os.PathLike, synthetic: str | os.PathLike, out_di
         result = _conditional(train_map, held_map, syn_files, map_cases, labelled, quantile, settings)
     else:
         result = _nearest_mode(train_map, held_map, syn_files, out_dir, similarity, quantile, mask, progress)
-    result.update({"kind": "medlsdm-privacy", "mode": mode, "train": str(train), "synthetic": str(synthetic),
-                   "held_out": None if held_out is None else str(held_out),
+    result.update({"kind": "medlsdm-privacy", "mode": mode, "train": relative_path(train, out_dir),
+                   "synthetic": relative_path(synthetic, out_dir),
+                   "held_out": None if held_out is None else relative_path(held_out, out_dir),
                    "scope": COPY_AUDIT_SCOPE if mode == "conditional" else NEAREST_SCOPE, "figures": []})
     if figures:
         arrays = result.pop("_arrays")

@@ -397,7 +397,7 @@ def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.Pat
     without synthetic training volumes; naming a protocol that cannot run is an error.
     """
     from medlsdm.evaluation.metrics import json_safe
-    from medlsdm.files import ensure_writable_dir, write_json
+    from medlsdm.files import ensure_writable_dir, relative_path, write_json
 
     refuse_same_folder(train_real=train_real, test_real=test_real, synthetic=synthetic,
                        synthetic_train=synthetic_train)
@@ -470,9 +470,11 @@ def evaluate_segmentation(train_real: str | os.PathLike, test_real: str | os.Pat
 
     data = {
         "kind": "medlsdm-segmentation",
-        "train_real": str(train_real), "test_real": str(test_real), "synthetic": str(synthetic),
-        "synthetic_train": str(synthetic_train or synthetic),
-        "synthetic_labels": None if synthetic_labels is None else str(synthetic_labels),
+        # input folders relative to this folder (no absolute locations in results, as metrics.json)
+        "train_real": relative_path(train_real, out_dir), "test_real": relative_path(test_real, out_dir),
+        "synthetic": relative_path(synthetic, out_dir),
+        "synthetic_train": relative_path(synthetic_train or synthetic, out_dir),
+        "synthetic_labels": None if synthetic_labels is None else relative_path(synthetic_labels, out_dir),
         "pairing": pairing, "n_synthetic_train": len(sets["train_synthetic"]),
         "num_classes": num_classes, "in_channels": in_channels,
         "class_names": _class_names(train_real),
