@@ -32,7 +32,8 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
         assert (out / "evaluation" / name).is_file(), name
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("{"):])
-    assert set(summary) >= {"ssim", "psnr", "dice_real", "dice_synthetic", "dice_ratio", "privacy_flagged",
+    assert set(summary) >= {"ssim", "psnr", "dice_real", "dice_synthetic", "dice_ratio", "checkerboard_ratio",
+                            "privacy_flagged",
                             "edit_mean_change", "edit_followed"}
     assert (out / "evaluation" / "label_edit" / "subject_004_edited.nii.gz").is_file()
     from medlsdm.inference import load_model

@@ -228,3 +228,22 @@ def test_diversity_identical_samples_and_pair_sampling():
     assert some == sample_pairs(30, max_pairs=50, seed=1)
     with pytest.raises(DataError, match="at least 2"):
         mean_pairwise_ms_ssim([v], 2.0)
+
+
+def test_checkerboard_energy_finds_a_two_voxel_period():
+    """Noise has a flat spectrum (Nyquist peak ~1); adding a checkerboard along H of half its
+    amplitude raises that axis peak only, and the ratio synthetic / real shows it."""
+    from medlsdm.evaluation.metrics import checkerboard_ratio, nyquist_energy
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((24, 26, 25))
+    board = noise + 0.5 * ((-1.0) ** np.arange(26))[None, :, None]
+    e_noise, e_board = nyquist_energy(noise), nyquist_energy(board)
+    assert np.all((0.5 < e_noise) & (e_noise < 2.0))
+    assert e_board[1] > 5 * e_noise[1]
+    assert e_board[0] == pytest.approx(e_noise[0], rel=0.05) and e_board[2] == pytest.approx(e_noise[2], rel=0.05)
+    smooth = gaussian_filter(noise, 2)                               # smoothing lowers the peak, not raises it
+    assert np.all(nyquist_energy(smooth) < 1.0)
+    assert checkerboard_ratio([e_noise, e_noise], [e_noise, e_noise])["value"] == pytest.approx(1.0)
+    worse = checkerboard_ratio([e_noise], [e_board])
+    assert worse["per_axis"]["H"] > 5 and worse["per_axis"]["D"] == pytest.approx(1.0, rel=0.05)

@@ -173,6 +173,8 @@ def headline(quality: dict, segmentation: dict, privacy: dict, edit: dict | None
         "dice_real": gap.get("dice_real"),
         "dice_synthetic": gap.get("dice_synthetic"),
         "dice_ratio": gap.get("ratio"),
+        # 2-voxel-period spectral peak, synthetic / real (1 = as real; > 1: a checkerboard)
+        "checkerboard_ratio": quality.get("distribution", {}).get("checkerboard", {}).get("value"),
         "privacy_flagged": privacy.get("fraction_flagged"),
         "edit_mean_change": (edit or {}).get("mean_change"),
         "edit_followed": (edit or {}).get("followed"),

@@ -50,7 +50,7 @@ __all__ = ["QUALITY_METRICS", "PAIRED_METRICS", "resolve_metrics", "paired_metri
 log = logging.getLogger(__name__)
 
 PAIRED_METRICS = ("ssim", "ms_ssim", "psnr", "rmse", "mae")
-QUALITY_METRICS = PAIRED_METRICS + ("lpips", "fid2d", "fid3d", "fid3d_random", "mmd", "diversity")
+QUALITY_METRICS = PAIRED_METRICS + ("lpips", "fid2d", "fid3d", "fid3d_random", "mmd", "checkerboard", "diversity")
 LPIPS_NETS = ("vgg", "alex")
 MMD_POOL = 8           # side of the pooled intensity grid for feature-free MMD
 FID_AXES = MODEL_AXES   # slices along every axis of the model layout
@@ -448,7 +448,7 @@ def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_d
     from medlsdm.evaluation.features import (FeatureCache, InceptionFeatureExtractor,
                                              MedicalNetFeatureExtractor, RandomConv3DFeatures)
 
-    wanted = [m for m in ("fid2d", "fid3d", "fid3d_random", "mmd") if m in names]
+    wanted = [m for m in ("fid2d", "fid3d", "fid3d_random", "mmd", "checkerboard") if m in names]
     if not wanted:
         return {}
     if min(len(real_files), len(syn_files)) < 2:
@@ -491,6 +491,8 @@ def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_d
                 feats[side]["random3d"].append(dist.random_features(files, arr))
             if "mmd" in wanted and med is None:
                 feats[side]["pooled"].append(dist.pooled_intensities(arr))
+            if "checkerboard" in wanted:
+                feats[side]["nyquist"].append(M.nyquist_energy(arr))
     out = {"n_real": len(real_files), "n_synthetic": len(syn_files)}
     if inc is not None:
         out["fid2d"] = {**_fid_block(feats["real"]["slices"], feats["synthetic"]["slices"], inc.name),
@@ -508,6 +510,10 @@ def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_d
             ("pooled", f"intensities average-pooled to {MMD_POOL}^3 per channel (no feature network)")
         out["mmd"] = {"value": M.mmd(feats["real"][key], feats["synthetic"][key]), "features": what,
                       "kernel": "rbf, median bandwidth"}
+    if "checkerboard" in wanted:
+        out["checkerboard"] = {**M.checkerboard_ratio(feats["real"]["nyquist"], feats["synthetic"]["nyquist"]),
+                               "features": "spectral power at the 2-voxel period over the band 3/8-1/2 cycles/voxel, "
+                                           "per axis, synthetic / real"}
     return out
 
 

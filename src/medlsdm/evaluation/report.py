@@ -241,7 +241,7 @@ def quality_section(data: dict, out_dir: str | os.PathLike) -> Section:
             dist_rows.append([f"2D FID, slices along {axis}", value, fid2d.get("features", "")])
         dist_rows.append(["2D FID, mean over axes", fid2d.get("mean"), fid2d.get("features", "")])
     for key, label in (("fid3d", "3D FID (MedicalNet)"), ("fid3d_random", "3D FID (random 3D CNN, untrained)"),
-                       ("mmd", "MMD²")):
+                       ("mmd", "MMD²"), ("checkerboard", "checkerboard energy ratio (1 = as real)")):
         if dist.get(key):
             dist_rows.append([label, dist[key].get("value"), dist[key].get("features", "")])
     if dist_rows:
