@@ -2,7 +2,7 @@
 LPIPS (VGG, AlexNet), 2D FID (Inception), 3D FID on the offline random 3D CNN; the augmentation
 study; the privacy audit with planted copies. Results go to benchmarks/evaluation.md by hand.
 
-    PYTHONPATH=src python benchmarks/bench_evaluation.py --out /tmp/bench_eval
+    PYTHONPATH=src python benchmarks/bench_evaluation.py --out "$OUT"
 
 Real weights come from $MEDLSDM_SHARED_WEIGHTS (default ../shared/weights beside the repository),
 imported with `medlsdm weights import` into a private torch hub cache under --out.

@@ -8,7 +8,7 @@ A U-Net trained once on the real 3 mm training images (fixed epochs, seeded) the
 real and the synthetic test images, all resampled onto the 3 mm test grid, against the 3 mm test
 label maps: tissue Dice per case, real vs synthetic, and their ratio.
 
-    python benchmarks/bench_resolution.py --out /tmp/bench_resolution --before /tmp/base/src [--redo after]
+    python benchmarks/bench_resolution.py --out "$OUT" --before "$BEFORE"/src [--redo after]
 
 Sampling runs in a subprocess per (code, resolution), which reports wall and own-CPU time for the
 label-map preparation and for the whole `sample_to_files` call.

@@ -14,9 +14,9 @@ the robust figure on a shared machine) over the timed steps after one warm-up st
 process's peak resident memory (``ru_maxrss``, includes ~0.5 GB of Python/torch).
 
     # before = the code of commit d8b91bc
-    mkdir -p /tmp/before && git archive d8b91bc src | tar -x -C /tmp/before
-    python benchmarks/bench_speed.py --before /tmp/before/src --steps 5 --threads 1
-    python benchmarks/bench_speed.py --before /tmp/before/src --profile      # top ops by self time
+    mkdir -p "$BEFORE" && git archive d8b91bc src | tar -x -C "$BEFORE"
+    python benchmarks/bench_speed.py --before "$BEFORE"/src --steps 5 --threads 1
+    python benchmarks/bench_speed.py --before "$BEFORE"/src --profile      # top ops by self time
     python benchmarks/bench_speed.py --flops                                # FLOP/s vs conv3d peak
 """
 

@@ -4,7 +4,7 @@ with 1 DDIM step on the shipped model. Reports wall and own-CPU seconds for the 
 loading the model, for the whole command, its peak resident memory, and whether Lightning (or
 training/evaluation code) was imported.
 
-    python benchmarks/bench_startup.py --labels /tmp/demo/labelsTs/subject_020.nii.gz --before /tmp/base/src
+    python benchmarks/bench_startup.py --labels demo_output/cohort/labelsTs/subject_020.nii.gz --before "$BEFORE"/src
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 from the shipped demo weights with the medlsdm found on PYTHONPATH, saved to OUT.npy; with a
 second .npy, the max abs difference to it. Run once per source tree (benchmarks/speed.md):
 
-    PYTHONPATH=/tmp/before/src python benchmarks/sample_identity.py before.npy
+    PYTHONPATH="$BEFORE"/src python benchmarks/sample_identity.py before.npy
     PYTHONPATH=src python benchmarks/sample_identity.py after.npy before.npy
 """
 
