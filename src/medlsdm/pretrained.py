@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from medlsdm.errors import MedlsdmError
+from medlsdm.files import file_sha256
 
 __all__ = ["KnownFile", "Network", "REGISTRY", "LoadedWeights", "hub_checkpoints", "sha256_of",
            "network", "search_paths", "find_weights", "load_weights", "weights_status",
@@ -143,10 +144,7 @@ def hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    from medlsdm.files import file_sha256
-
-    return file_sha256(path)
+sha256_of = file_sha256   # the one SHA-256 helper (medlsdm.files), under the name this module exports
 
 
 def network(name: str) -> Network:

@@ -77,28 +77,36 @@ class TiledDenoiser(torch.nn.Module):
         # at least one shared voxel where a tile has room for it (a 1-voxel tile shares none)
         self.overlap = tuple(min(max(1, int(round(t * overlap))), t - 1) for t in self.tile)
         self.conditioning = getattr(denoiser, "conditioning", None)
+        self._plans: dict[tuple[int, ...], list] = {}
 
     def windows(self, spatial: Sequence[int]) -> list[tuple[slice, ...]]:
         starts = [_tile_starts(s, t, o) for s, t, o in zip(spatial, self.tile, self.overlap)]
         return [tuple(slice(a, a + min(t, s)) for a, t, s in zip(corner, self.tile, spatial))
                 for corner in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3).tolist()]
 
+    def plan(self, spatial: Sequence[int]) -> list[tuple[tuple[slice, ...], torch.Tensor]]:
+        """(window, blending weight normalised so that the weights sum to one at every voxel) per
+        tile; the same at every sampling step, so made once per grid."""
+        spatial = tuple(int(s) for s in spatial)
+        if spatial not in self._plans:
+            tiles = []
+            total = torch.zeros(spatial)
+            for window in self.windows(spatial):
+                ramps = [_ramp(w.stop - w.start, w.start, n, o) for w, n, o in zip(window, spatial, self.overlap)]
+                weight = ramps[0][:, None, None] * ramps[1][:, None] * ramps[2]
+                tiles.append((window, weight))
+                total[window] += weight
+            self._plans[spatial] = [(window, weight / total[window]) for window, weight in tiles]
+        return self._plans[spatial]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        spatial = tuple(x.shape[2:])
         out = torch.zeros_like(x)
-        total = torch.zeros(spatial, dtype=x.dtype, device=x.device)
-        for window in self.windows(spatial):
+        for window, weight in self.plan(x.shape[2:]):
             sub_cond = None
             if cond is not None:
                 sub_cond = cond[(Ellipsis, *(slice(w.start * f, w.stop * f) for w, f in zip(window, self.factor)))]
-            pred = self.denoiser(x[(Ellipsis, *window)], t, sub_cond)
-            weight = _ramp(window[0].stop - window[0].start, window[0].start, spatial[0], self.overlap[0])[:, None, None]
-            weight = weight * _ramp(window[1].stop - window[1].start, window[1].start, spatial[1], self.overlap[1])[:, None]
-            weight = weight * _ramp(window[2].stop - window[2].start, window[2].start, spatial[2], self.overlap[2])
-            weight = weight.to(x)
-            out[(Ellipsis, *window)] += pred * weight
-            total[window] += weight
-        return out / total
+            out[(Ellipsis, *window)] += self.denoiser(x[(Ellipsis, *window)], t, sub_cond) * weight.to(x)
+        return out
 
 
 def _padded_condition(cond: torch.Tensor, spatial: Sequence[int], factor: Sequence[int]) -> torch.Tensor:
