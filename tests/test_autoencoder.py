@@ -135,3 +135,25 @@ def test_configuration_errors():
         VQGAN(decoder="spade", **TINY)
     with pytest.raises(ConfigError, match="model.decoder"):
         VQGAN(decoder="unet", **TINY)
+
+
+def test_interpolating_decoder_builds_in_no_checkerboard():
+    """A flat latent decodes to a flat image with nearest + convolution upsampling (away from the
+    zero-padded borders), at initialisation, before any training; stride-2 transposed
+    convolutions give even and odd voxels different kernel taps: a 2-voxel pattern."""
+    z = torch.ones(1, TINY["latent_channels"], 16, 16, 16)
+    spread = {}
+    for mode in ("interpolate", "transposed"):
+        torch.manual_seed(0)
+        ae = VQGAN(downsample=(4, 4, 4), upsample=mode, **TINY).eval()
+        with torch.no_grad():
+            spread[mode] = float(ae.decode(z)[0, 0, 24:-24, 24:-24, 24:-24].std())
+    assert spread["interpolate"] < 1e-5 < 1e-2 < spread["transposed"], spread
+
+
+def test_upsample_option_is_checked_and_old_configurations_mean_transposed():
+    with pytest.raises(ConfigError, match="upsample"):
+        VQGAN(upsample="pixelshuffle", **TINY)
+    old = VQGAN(upsample=None, **TINY)   # a sidecar written before the option
+    assert old.upsample_mode == "transposed"
+    assert isinstance(old.decoder.levels[0].upsample, torch.nn.ConvTranspose3d)

@@ -247,3 +247,48 @@ def test_checkerboard_energy_finds_a_two_voxel_period():
     assert checkerboard_ratio([e_noise, e_noise], [e_noise, e_noise])["value"] == pytest.approx(1.0)
     worse = checkerboard_ratio([e_noise], [e_board])
     assert worse["per_axis"]["H"] > 5 and worse["per_axis"]["D"] == pytest.approx(1.0, rel=0.05)
+
+
+def _two_tissue_phantom(seed: int = 0, size: int = 24):
+    """Nested spheres: class 3 (bright, 'white matter') inside class 2 ('grey matter') inside 1."""
+    grid = np.indices((size,) * 3).astype(float) - (size - 1) / 2
+    r = np.sqrt((grid**2).sum(0))
+    label = np.zeros((size,) * 3, dtype=np.int64)
+    label[r < 11] = 1
+    label[r < 9.5] = 2
+    label[r < 6.5] = 3
+    base = np.choose(label, [0.0, 0.3, 0.55, 0.8])
+    return base, label, grid / size
+
+
+def test_appearance_statistics_follow_noise_bias_and_contrast():
+    from medlsdm.evaluation.diversity import appearance_spread, appearance_statistics
+
+    base, label, grid = _two_tissue_phantom()
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=base.shape)
+    stats = lambda img: appearance_statistics(img, label, tissue=3, other=2)  # noqa: E731
+    clean, noisy, noisier = stats(base), stats(base + 0.01 * noise), stats(base + 0.04 * noise)
+    assert clean["noise"] < 1e-6 < noisy["noise"] < noisier["noise"]
+    # grows with the noise SD (less than 4x: noise also widens the percentile range it is scaled by)
+    assert 2.5 * noisy["noise"] < noisier["noise"] < 4.5 * noisy["noise"]
+    # gain and offset are normalised away; a smooth multiplicative field is what `bias` measures
+    assert stats(3.0 * base + 7.0)["bias"] == pytest.approx(clean["bias"], abs=1e-9)
+    field = np.exp(0.3 * grid[0] + 0.2 * grid[1] ** 2)
+    assert clean["bias"] < 1e-6 and stats(base * field)["bias"] > 0.02
+    assert stats(base * field)["noise"] < 0.01          # a smooth field is not noise
+    # a gamma changes the tissue contrast
+    assert stats(base**1.5)["contrast"] > clean["contrast"] > stats(base**0.6)["contrast"]
+    # spread: identical volumes vary by nothing; volumes with different noise levels do
+    same = appearance_spread([[clean, clean, clean]])
+    assert same == {"noise": 0.0, "contrast": 0.0, "bias": 0.0}
+    assert appearance_spread([[noisy, noisier]])["noise"] > 0
+
+
+def test_appearance_statistics_refuse_missing_tissue():
+    from medlsdm.errors import DataError
+    from medlsdm.evaluation.diversity import appearance_statistics
+
+    base, label, _ = _two_tissue_phantom()
+    with pytest.raises(DataError, match="at least 50 voxels"):
+        appearance_statistics(base, label, tissue=3, other=7)

@@ -44,19 +44,52 @@ def test_ema_update_matches_hand_computation():
 
 
 def test_dead_codes_are_restarted_from_batch_vectors():
+    # threshold 1.0 = dead below the expected usage N / K = 8 / 4 = 2 vectors per step
     q = EMAVectorQuantizer(num_codes=4, dim=2, decay=0.5, dead_code_threshold=1.0)
     _set_codebook(q, [[0, 0], [100, 100], [-100, 100], [100, -100]])
     batch = [[0.1 * i, -0.05 * i] for i in range(8)]  # all nearest to code 0
-    q.train()(_as_map(batch))
+    _, _, info = q.train()(_as_map(batch))
     rows = torch.tensor(batch)
-    for k in (1, 2, 3):  # N = 0.5 < 1: restarted from distinct batch vectors, stats reset
+    for k in (1, 2, 3):  # N = 0.5 < 2: restarted from distinct batch vectors, stats reset to N / K
         assert (q.codebook[k] == rows).all(dim=1).any(), f"code {k} is not a batch vector"
-        assert q.cluster_size[k] == 1.0
-        assert torch.equal(q.embed_sum[k], q.codebook[k])
+        assert q.cluster_size[k] == 2.0
+        assert torch.allclose(q.embed_sum[k], 2.0 * q.codebook[k])
     assert len({tuple(q.codebook[k].tolist()) for k in (1, 2, 3)}) == 3
     # Code 0 got all 8 vectors: N = 4.5, kept and moved to the EMA mean (not restarted).
     assert q.cluster_size[0] == pytest.approx(4.5)
     assert torch.allclose(q.codebook[0], (rows.sum(0) * 0.5) / 4.5, atol=1e-4)
+    assert int(info["restarts"]) == 3 and float(info["active"]) == 1.0
+
+
+def test_codebook_settles_when_codes_outnumber_vectors():
+    """Many more codes than latent vectors per step (16,384 codes, ~2,048 vectors at batch 1 in
+    the published setting): an absolute threshold of one vector restarted nearly every code at
+    every step; relative to N / K, codes unused for a while are restarted, then left alone."""
+    torch.manual_seed(0)
+    centres = torch.randn(6, 4) * 3
+
+    def batch():
+        return _as_map(centres[torch.randint(6, (32,))] + 0.1 * torch.randn(32, 4))
+
+    relative = EMAVectorQuantizer(num_codes=256, dim=4, decay=0.99).train()
+    restarts = [int(relative(batch())[2]["restarts"]) for _ in range(60)]
+    assert sum(restarts[1:]) == 0, restarts  # 256 codes, 32 vectors: none restarted within 60 steps
+    # The published rule for comparison: every code not used in a step is restarted.
+    absolute = EMAVectorQuantizer(num_codes=256, dim=4, decay=0.99).train()
+    absolute(batch())
+    absolute.cluster_size.fill_(1.0)
+    with torch.no_grad():
+        absolute.dead_code_threshold = 1.0 / absolute._expected_usage(32)  # one vector, as the reference
+    assert int(absolute(batch())[2]["restarts"]) > 200
+
+
+def test_unused_codes_are_restarted_after_the_dead_level():
+    q = EMAVectorQuantizer(num_codes=4, dim=2, decay=0.5, dead_code_threshold=0.03).train()
+    _set_codebook(q, [[0, 0], [100, 100], [-100, 100], [100, -100]], counts=[2.0] * 4)
+    batch = _as_map([[0.1 * i, -0.05 * i] for i in range(8)])  # always code 0
+    restarts = [int(q(batch)[2]["restarts"]) for _ in range(8)]
+    # N / K = 2; unused codes decay 2 -> 1 -> 0.5 -> ... and fall below 0.06 at the 6th step
+    assert restarts[:5] == [0] * 5 and restarts[5] == 3, restarts
 
 
 def test_data_dependent_init_happens_once_and_survives_state_dict(monkeypatch):

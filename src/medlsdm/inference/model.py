@@ -142,7 +142,9 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
     if sidecar.get("kind") != "autoencoder":
         raise MedlsdmError(f"{path}: not autoencoder weights (kind {sidecar.get('kind')!r})")
     table = LabelTable.from_mapping(sidecar["label_table"])
-    model = VQGAN(in_channels=sidecar["in_channels"], num_classes=table.num_classes, **sidecar["model"])
+    # A sidecar written before model.upsample existed describes a transposed-convolution decoder.
+    model_cfg = {"upsample": None, **sidecar["model"]}
+    model = VQGAN(in_channels=sidecar["in_channels"], num_classes=table.num_classes, **model_cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

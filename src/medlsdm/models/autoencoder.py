@@ -37,12 +37,40 @@ def level_strides(downsample: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(2 if level < n else 1 for n in logs) for level in range(max(logs))]
 
 
+UPSAMPLE_MODES = ("interpolate", "transposed")
+
+
 def _resample_conv(cin: int, cout: int, stride: tuple[int, ...], transposed: bool) -> nn.Module:
     """Kernel 4 / stride 2 / pad 1 on halved (doubled) axes, kernel 3 / stride 1 / pad 1 elsewhere:
     both map n -> n/2 (n -> 2n) or n -> n exactly."""
     kernel = tuple(4 if s == 2 else 3 for s in stride)
     conv = nn.ConvTranspose3d if transposed else nn.Conv3d
     return conv(cin, cout, kernel, stride=stride, padding=1)
+
+
+class InterpolateConv(nn.Module):
+    """Upsampling by nearest-neighbour interpolation, then a 3x3x3 convolution (Odena et al.
+    2016, "Deconvolution and checkerboard artifacts"). A stride-2 transposed convolution with a
+    4-tap kernel gives the even and odd output voxels different kernel taps, which leaves a
+    pattern at the 2-voxel period unless training balances the two exactly; here every output
+    voxel sees the same kernel over a piecewise-constant input, so no such pattern is built in.
+    Maps n -> n * stride per axis, like the transposed convolution it replaces."""
+
+    def __init__(self, cin: int, cout: int, stride: tuple[int, ...]):
+        super().__init__()
+        self.scale = tuple(int(s) for s in stride)
+        self.conv = nn.Conv3d(cin, cout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(s != 1 for s in self.scale):
+            x = F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return self.conv(x)
+
+
+def _upsample(cin: int, cout: int, stride: tuple[int, ...], mode: str) -> nn.Module:
+    if mode == "transposed":
+        return _resample_conv(cin, cout, stride, transposed=True)
+    return InterpolateConv(cin, cout, stride)
 
 
 class ResBlock(nn.Module):
@@ -107,9 +135,9 @@ class Encoder(nn.Module):
 
 class DecoderLevel(nn.Module):
     def __init__(self, cin: int, cout: int, stride: tuple[int, ...], num_res_blocks: int, make_norm,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, upsample: str = "interpolate"):
         super().__init__()
-        self.upsample = _resample_conv(cin, cout, stride, transposed=True)
+        self.upsample = _upsample(cin, cout, stride, upsample)
         self.blocks = nn.ModuleList(ResBlock(cout, make_norm) for _ in range(num_res_blocks))
         self.checkpointing = checkpointing
 
@@ -128,7 +156,7 @@ class DecoderLevel(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Mirror of the encoder with transposed convolutions: conv3 latent -> channels[-1], then
+    """Mirror of the encoder: conv3 latent -> channels[-1], then
     levels (upsampling + ResBlocks) with output channels channels[-1], ..., channels[1]
     (TATS: 64 -> 64 -> 32), conv3 to the image channels, tanh; as in TATS no norm before the
     output conv (it would be one more SPADE at full resolution, the costliest place).
@@ -136,13 +164,15 @@ class Decoder(nn.Module):
     or (1, 3, 3) as the reference; ``spade_shared``: one label convolution for the whole decoder,
     its features nearest-resized to each level, instead of one per norm; ``spade_slab``: the
     modulation computed in depth slabs of that many voxels, for large volumes).
-    ``checkpointing``: the ResBlocks are recomputed in the backward pass."""
+    ``checkpointing``: the ResBlocks are recomputed in the backward pass. ``upsample``:
+    "interpolate" (nearest + conv3, no checkerboard) or "transposed" (kernel-4 stride-2
+    transposed convolutions, as TATS and the reference, and every model trained before the option)."""
 
     def __init__(self, out_channels: int, channels: Sequence[int], num_res_blocks: int,
                  strides: list[tuple[int, ...]], latent_channels: int, attention: bool, norm_groups: int,
                  label_channels: int | None = None, spade_hidden: int = 128, spade_groups: int = 8,
                  spade_kernel=3, spade_shared: bool = False, spade_slab: int = 0, checkpointing: bool = False,
-                 spade_instance_norm: bool = True):
+                 spade_instance_norm: bool = True, upsample: str = "interpolate"):
         super().__init__()
         self.label_features = None
         if label_channels is None:
@@ -161,7 +191,7 @@ class Decoder(nn.Module):
         self.attention = SelfAttention(channels[n], norm_groups) if attention else nn.Identity()
         self.levels = nn.ModuleList(
             DecoderLevel(channels[n] if j == 0 else channels[n - j + 1], channels[n - j],
-                         strides[n - 1 - j], num_res_blocks, make_norm, checkpointing)
+                         strides[n - 1 - j], num_res_blocks, make_norm, checkpointing, upsample)
             for j in range(n))
         # Default (random) initialisation on purpose: a zero output layer would make the
         # conditioning of an untrained decoder untestable (REFERENCE.md §5).
@@ -201,7 +231,11 @@ class VQGAN(nn.Module):
     :meth:`set_spade_slab`), ``checkpointing`` (ResBlocks recomputed in the backward pass);
     ``spade_instance_norm`` (True: gamma and beta instance-normalised as MONAI's SPADE block
     did for every decoder trained so far; False: the reference's and SPADE paper's plain
-    convolutions, a little cheaper).
+    convolutions, a little cheaper). ``upsample``: the decoder's upsampling, "interpolate"
+    (nearest + convolution: no 2-voxel checkerboard, benchmarks/quality.md) or "transposed" (the
+    reference's; ``None``, for configurations written before the option, means "transposed").
+    ``dead_code_threshold``: a code is restarted when its EMA usage falls below this fraction of
+    the usage every code would have if all were used equally (see the quantizer).
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None,
@@ -209,10 +243,10 @@ class VQGAN(nn.Module):
                  downsample: Sequence[int] = (4, 4, 4), latent_channels: int = 8, num_codes: int = 16384,
                  codebook_decay: float = 0.99, commitment: float = 0.25, attention: bool = False,
                  decoder: str = "plain", num_classes: int | None = None, spade_hidden: int = 128,
-                 norm_groups: int = 32, spade_norm_groups: int = 8, dead_code_threshold: float = 1.0,
+                 norm_groups: int = 32, spade_norm_groups: int = 8, dead_code_threshold: float = 0.03,
                  spade_kernel: int | Sequence[int] | None = 3, spade_shared: bool | None = False,
                  spade_slab: int | None = 0, checkpointing: bool | None = False,
-                 spade_instance_norm: bool | None = True):
+                 spade_instance_norm: bool | None = True, upsample: str | None = "interpolate"):
         super().__init__()
         strides = level_strides(downsample)
         if len(channels) < len(strides) + 1:
@@ -226,6 +260,10 @@ class VQGAN(nn.Module):
         # None: the option's default (configurations written before the option existed).
         spade_kernel = 3 if spade_kernel is None else spade_kernel
         spade_instance_norm = True if spade_instance_norm is None else spade_instance_norm
+        upsample = "transposed" if upsample is None else upsample
+        if upsample not in UPSAMPLE_MODES:
+            raise ConfigError(f"model.upsample must be one of {', '.join(UPSAMPLE_MODES)}, not {upsample!r}")
+        self.upsample_mode = upsample
         enc_blocks, dec_blocks = _pair(num_res_blocks, "num_res_blocks")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels or in_channels)
         self.latent_channels = int(latent_channels)
@@ -242,7 +280,7 @@ class VQGAN(nn.Module):
                                spade_hidden=spade_hidden, spade_groups=spade_norm_groups,
                                spade_kernel=spade_kernel, spade_shared=bool(spade_shared),
                                spade_slab=int(spade_slab or 0), checkpointing=bool(checkpointing),
-                               spade_instance_norm=bool(spade_instance_norm))
+                               spade_instance_norm=bool(spade_instance_norm), upsample=upsample)
 
     def set_spade_slab(self, depth: int) -> None:
         """Compute the SPADE decoder's modulation in depth slabs of ``depth`` voxels (0: whole

@@ -19,8 +19,15 @@ The update follows van den Oord et al. 2017 (appendix) as used by TATS / Med-LSD
 ``n_k`` vectors assigned to code ``k`` in the batch and ``s_k`` their sum,
 ``N_k <- decay N_k + (1-decay) n_k``, ``S_k <- decay S_k + (1-decay) s_k``,
 ``e_k = S_k / N~_k`` with Laplace-smoothed ``N~_k = (N_k + eps) / (sum N + K eps) * sum N``.
-Codes whose ``N_k`` falls below ``dead_code_threshold`` are restarted from random encoder
-outputs of the batch.
+Dead codes are restarted from random encoder outputs of the batch. "Dead" is relative to the
+expected usage: with ``N`` vectors per step and ``K`` codes, a code used as often as every other
+has ``N_k -> N / K``; it is dead when ``N_k < dead_code_threshold * N / K``, and a restarted
+code starts at ``N / K`` (its sum at ``N / K`` times its vector). An unused code is therefore
+restarted again only after ``log(threshold) / log(decay)`` steps (349 at 0.03 and 0.99), and the
+codebook settles. The reference (and this module before) used an absolute threshold of one
+vector: at batch 1 with 16,384 codes and ~2,048 latent vectors per step ``N / K`` = 0.125, so
+nearly every code fell below it after one step and ~97 % of the codebook was re-initialised at
+every step, indefinitely (benchmarks/quality.md).
 """
 
 from __future__ import annotations
@@ -45,12 +52,14 @@ class EMAVectorQuantizer(nn.Module):
     ``forward(z)`` returns ``(z_q, loss, info)``: ``z_q`` the quantised tensor with a
     straight-through gradient to ``z``, ``loss`` the commitment loss
     ``commitment * mean((z - sg[z_q])^2)``, ``info`` a dict with ``perplexity`` (of the batch's
-    code usage, in [1, num_codes]), ``usage`` (fraction of codes used by the batch) and
-    ``indices`` (``(B, *spatial)`` code indices).
+    code usage, in [1, num_codes]), ``usage`` (fraction of codes used by the batch),
+    ``indices`` (``(B, *spatial)`` code indices) and, after a training update, ``restarts``
+    (codes restarted by this step) and ``active`` (fraction of codes whose EMA usage is above the
+    dead-code level).
     """
 
     def __init__(self, num_codes: int = 16384, dim: int = 8, decay: float = 0.99,
-                 commitment: float = 0.25, eps: float = 1e-5, dead_code_threshold: float = 1.0):
+                 commitment: float = 0.25, eps: float = 1e-5, dead_code_threshold: float = 0.03):
         super().__init__()
         if num_codes < 1 or dim < 1:
             raise ValueError(f"num_codes and dim must be positive, got {num_codes} and {dim}")
@@ -58,6 +67,8 @@ class EMAVectorQuantizer(nn.Module):
             raise ValueError(f"codebook decay must be in [0, 1), got {decay}")
         self.num_codes, self.dim = int(num_codes), int(dim)
         self.decay, self.commitment, self.eps = float(decay), float(commitment), float(eps)
+        if dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
         self.dead_code_threshold = float(dead_code_threshold)
         self.register_buffer("codebook", torch.randn(self.num_codes, self.dim))
         self.register_buffer("cluster_size", torch.zeros(self.num_codes))
@@ -95,8 +106,7 @@ class EMAVectorQuantizer(nn.Module):
             indices = self._nearest(flat.detach())
             z_q = self.codebook[indices].reshape(*zf.shape[:1], *zf.shape[2:], self.dim).movedim(-1, 1)
             counts = torch.bincount(indices, minlength=self.num_codes).to(flat.dtype)
-            if update:
-                self._ema_update(flat.detach(), indices, counts.clone())
+            restart_info = self._ema_update(flat.detach(), indices, counts.clone()) if update else {}
             loss = self.commitment * F.mse_loss(zf, z_q.detach())
             # Straight-through estimator: the decoder's gradient is passed to the encoder as is.
             # Without a graph, the exact code vectors (z + (z_q - z) is not bit-exact z_q).
@@ -104,7 +114,7 @@ class EMAVectorQuantizer(nn.Module):
         probs = counts / counts.sum().clamp_min(1.0)
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
         info = {"perplexity": perplexity.detach(), "usage": (counts > 0).float().mean().detach(),
-                "indices": indices.reshape(*z.shape[:1], *z.shape[2:])}
+                "indices": indices.reshape(*z.shape[:1], *z.shape[2:]), **restart_info}
         return z_st.to(z.dtype), loss, info
 
     # -- internals -------------------------------------------------------------------------
@@ -140,17 +150,26 @@ class EMAVectorQuantizer(nn.Module):
             dist.broadcast(chosen, src=0)
         return chosen
 
+    def _expected_usage(self, vectors: int) -> float:
+        """EMA count of a code when ``vectors`` per step are spread evenly over all codes."""
+        return max(float(vectors), 1.0) / self.num_codes
+
     @torch.no_grad()
     def _initialise(self, flat: torch.Tensor) -> None:
-        """Data-dependent initialisation: codes = random encoder outputs of the first batch."""
+        """Data-dependent initialisation: codes = random encoder outputs of the first batch, each
+        with the expected usage as its starting count."""
         vectors = self._random_vectors(flat, self.num_codes)
+        n = torch.tensor(float(flat.shape[0]), device=flat.device)
+        if _distributed():
+            dist.all_reduce(n)
+        expected = self._expected_usage(int(n))
         self.codebook.copy_(vectors)
-        self.embed_sum.copy_(vectors)
-        self.cluster_size.fill_(1.0)
+        self.embed_sum.copy_(vectors * expected)
+        self.cluster_size.fill_(expected)
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> dict:
         sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)
         if _distributed():
             dist.all_reduce(counts)
@@ -160,19 +179,21 @@ class EMAVectorQuantizer(nn.Module):
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
-        self._restart_dead_codes(flat)
+        return self._restart_dead_codes(flat, self._expected_usage(int(counts.sum())))
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+    def _restart_dead_codes(self, flat: torch.Tensor, expected: float) -> dict:
         # The dead mask is identical on all ranks (statistics were all-reduced), so every rank
         # takes part in the same broadcast or in none.
-        dead = self.cluster_size < self.dead_code_threshold
+        level = self.dead_code_threshold * expected
+        dead = self.cluster_size < level
         n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        vectors = self._random_vectors(flat, n_dead)
-        self.codebook[dead] = vectors
-        # Reset the EMA statistics too, so the next update keeps the restarted code instead of
-        # pulling it back to the stale sum (the reference's restarts lasted one step).
-        self.cluster_size[dead] = 1.0
-        self.embed_sum[dead] = vectors
+        if n_dead:
+            vectors = self._random_vectors(flat, n_dead)
+            self.codebook[dead] = vectors
+            # Reset the EMA statistics too, so the next update keeps the restarted code instead of
+            # pulling it back to the stale sum (the reference's restarts lasted one step).
+            self.cluster_size[dead] = expected
+            self.embed_sum[dead] = vectors * expected
+        return {"restarts": torch.tensor(n_dead),
+                "active": (self.cluster_size >= level).float().mean()}

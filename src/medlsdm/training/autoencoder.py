@@ -40,6 +40,9 @@ AUTOENCODER_DEFAULTS = {
         "attention": False,
         "decoder": "plain",               # plain | spade
         "spade_hidden": 128,
+        # Decoder upsampling: interpolate (nearest + conv: no 2-voxel checkerboard, benchmarks/quality.md)
+        # | transposed (the reference's; runs and weights made before this option have it)
+        "upsample": "interpolate",
         # Speed/memory options; None = as before they existed (runs made earlier still resume):
         "spade_kernel": None,             # 3 (3x3x3, None) | [1, 3, 3] (the reference's: about 1/3 of the SPADE cost)
         "spade_shared": None,             # true: one label convolution for all decoder levels instead of one per norm
@@ -187,6 +190,9 @@ class AutoencoderModule(pl.LightningModule):
         loss = lcfg["l1"] * l1 + vq_loss
         logs = {"train/l1": l1.detach(), "train/commitment": vq_loss.detach(),
                 "train/perplexity": info["perplexity"].float(), "train/code_usage": info["usage"].float()}
+        if "restarts" in info:  # the codebook learned in this step (not with a frozen encoder)
+            logs["train/codebook_restarts"] = info["restarts"].float()
+            logs["train/codebook_active"] = info["active"].float()
         real2d, fake2d = self._slices(x, x_rec)
         lpips = self._lpips[0]
         if lpips is not None:
