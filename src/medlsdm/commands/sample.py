@@ -36,6 +36,10 @@ def register(sub) -> None:
     p.add_argument("--clip-x0", type=float,
                    help="bound for the x0 estimates while sampling, in the model's units (std-scaled latents: "
                         "standard deviations; default: the model's sampling.clip_x0, else the training range)")
+    p.add_argument("--appearance", default="auto", metavar="auto|none|sample|noise=N,contrast=C,bias=B",
+                   help="noise level, tissue contrast and bias field of each sample: auto (default) = a training "
+                        "scan's, drawn with the seed, when the model has an appearance profile; none = the "
+                        "decoder's output as it is; or given values (statistics as in medlsdm.data.appearance)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed and batch size: same output)")
     p.add_argument("--batch-size", type=int, default=1, help="samples generated together")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
@@ -45,6 +49,22 @@ def register(sub) -> None:
     p.set_defaults(func=_run)
 
 
+def parse_appearance(text: str) -> str | dict:
+    """'auto' | 'none' | 'sample' as given; 'noise=0.02,contrast=0.3,bias=0.05' as a dict."""
+    from medlsdm.errors import MedlsdmError
+
+    if "=" not in text:
+        return text
+    values = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        try:
+            values[key.strip()] = float(value)
+        except ValueError:
+            raise MedlsdmError(f"--appearance {text!r}: {part!r} is not NAME=NUMBER") from None
+    return values
+
+
 def _run(args) -> int:
     from medlsdm.inference import sample_to_files
 
@@ -52,6 +72,6 @@ def _run(args) -> int:
                               guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
                               device=args.device, save_trajectory=args.save_trajectory, clip_x0=args.clip_x0,
                               layout=args.layout, label_map=args.label_map, crop=args.crop, tile=args.tile,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, appearance=parse_appearance(args.appearance))
     print(f"{len(written)} volumes written to {args.out}")
     return 0

@@ -80,9 +80,15 @@ def class_statistics(labels: Iterable[np.ndarray], spacings: Iterable[Sequence[f
 
 
 def training_summary(root, manifest: Mapping) -> dict:
-    """``{"training_geometry": ..., "class_statistics": ...}`` of the training cases of the
-    prepared dataset in `root` (every case when it has no training split), for a run's sidecar."""
+    """``{"training_geometry": ..., "class_statistics": ..., "appearance": ...}`` of the training
+    cases of the prepared dataset in `root` (every case when it has no training split), for a run's
+    sidecar. ``appearance`` (`medlsdm.data.appearance.appearance_profile`) is left out, with a log
+    line, when the label maps have fewer than two foreground classes to measure it with."""
+    import logging
     from pathlib import Path
+
+    from medlsdm.data.appearance import appearance_profile
+    from medlsdm.errors import DataError
 
     cases = [c for c in manifest.get("cases", []) if c.get("split") == "train"] or list(manifest.get("cases", []))
     affines = [np.asarray(c["record"]["affine"], dtype=np.float64) for c in cases]
@@ -90,8 +96,14 @@ def training_summary(root, manifest: Mapping) -> dict:
     shapes = [label.shape[-3:] for label in labels]
     num_classes = len(manifest["label_table"])
     spacings = [np.linalg.norm(a[:3, :3], axis=0) for a in affines]
-    return {"training_geometry": training_geometry(affines, shapes),
-            "class_statistics": class_statistics(labels, spacings, num_classes)}
+    out = {"training_geometry": training_geometry(affines, shapes),
+           "class_statistics": class_statistics(labels, spacings, num_classes)}
+    try:
+        images = [np.load(Path(root) / c["image"], mmap_mode="r", allow_pickle=False) for c in cases]
+        out["appearance"] = appearance_profile(images, labels, str(manifest.get("modality", "mr")))
+    except DataError as exc:
+        logging.getLogger(__name__).info("no appearance profile: %s", exc)
+    return out
 
 
 def scheme_warnings(label: np.ndarray, spacing: Sequence[float], statistics: Mapping, names: Mapping[int, str]

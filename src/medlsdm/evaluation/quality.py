@@ -15,7 +15,9 @@
   shifts of the synthetic data count. Multi-channel volumes: slices of all channels form one
   set; MedicalNet features of the channels are concatenated.
 * **Diversity**: mean pairwise MS-SSIM among the samples of each label map (cases with >= 2
-  samples) and among real volumes (lower = more diverse; ``evaluation.diversity``).
+  samples) and among real volumes (lower = more diverse; ``evaluation.diversity``); with label
+  maps, the spread of global appearance (noise, tissue contrast, bias field) over the samples of
+  one map against its spread over the real volumes.
 
 Axis names: arrays are read in the file's voxel axes (i, j, k); slices "D", "H", "W" are taken
 along k, j, i (for RAS-like files: axial, coronal, sagittal), the model layout's D, H, W.
@@ -288,7 +290,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
     lpips = _load_lpips(lpips_net, lpips_backbone, lpips_heads, device, explicit, skipped) \
         if "lpips" in names else None
 
-    per_case, diversity_per_case = [], {}
+    per_case, diversity_per_case, appearance_groups = [], {}, {}
     want_paired = [m for m in PAIRED_METRICS if m in names]
     for case_id, pairs in tqdm(pairing.by_case().items(), desc="paired metrics", disable=not progress, leave=False):
         real_arr, real_aff = load_image(pairs[0].real)
@@ -312,6 +314,8 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
                 samples.append(fake)
         if len(samples) >= 2:
             diversity_per_case[case_id] = _case_diversity(samples, dr, max_pairs)
+            if pairs[0].real.label is not None:
+                appearance_groups[case_id] = (pairs[0].real.label, [v[0] for v in samples])
     if unpaired and "diversity" in names and len(syn_files) >= 2:
         width = float(np.max(ranges[:, 1]) - np.min(ranges[:, 0])) or 1.0
         diversity_per_case[UNPAIRED_GROUP] = _case_diversity([load_image(f)[0] for f in syn_files.values()],
@@ -332,6 +336,7 @@ def evaluate_quality(real: str | os.PathLike, synthetic: str | os.PathLike, out_
     }
     if "diversity" in names:
         data["diversity"] = _diversity(real_files, diversity_per_case, ranges, max_pairs, explicit, skipped)
+        data["diversity"]["appearance"] = _appearance(real_files, appearance_groups, skipped)
     data["skipped"] = skipped
     data["settings"] = metric_settings(data, ssim_window, lpips, fid_slices, fid_axes)
     if figures:
@@ -439,6 +444,36 @@ def _diversity(real_files, per_case, ranges, max_pairs, explicit, skipped) -> di
             raise DataError("diversity: " + "; ".join(reasons))
         skipped["diversity (part)"] = "; ".join(reasons)
     return out
+
+
+def _appearance(real_files, groups: dict, skipped: dict) -> dict | None:
+    """Spread of the global appearance (noise, tissue contrast, bias field; first channel) over the
+    samples of each label map, mean over maps, against its spread over the real volumes
+    (`evaluation.diversity.appearance_spread`): a ratio near 1 = samples of one anatomy vary as
+    much as real scans do, near 0 = the seed changes nothing the label map leaves open."""
+    from medlsdm.data.appearance import tissue_pair
+    from medlsdm.evaluation.diversity import appearance_spread, appearance_statistics
+
+    real = [(load_image(f)[0][0], load_label(f.label)[0]) for f in real_files.values() if f.label is not None]
+    if len(real) < 2 or not groups:
+        skipped["appearance"] = "needs label maps for 2 or more real volumes and a map with 2 or more samples"
+        return None
+    try:
+        tissue, other = tissue_pair([label for _, label in real])
+        real_stats = [appearance_statistics(image, label, tissue, other) for image, label in real]
+        synthetic = [[appearance_statistics(v, load_label(path)[0], tissue, other) for v in volumes]
+                     for path, volumes in groups.values()]
+    except DataError as exc:
+        skipped["appearance"] = str(exc)
+        return None
+    real_spread, syn_spread = appearance_spread([real_stats]), appearance_spread(synthetic)
+    return {"tissue": tissue, "other": other, "real_spread": real_spread, "synthetic_spread_within_map": syn_spread,
+            "ratio": {k: syn_spread[k] / real_spread[k] if real_spread[k] > 0 else math.nan for k in real_spread},
+            "real_mean": {k: float(np.mean([r[k] for r in real_stats])) for k in real_spread},
+            "synthetic_mean": {k: float(np.mean([r[k] for g in synthetic for r in g])) for k in real_spread},
+            "note": f"noise and bias measured in class {tissue}, contrast of class {tissue} against {other} "
+                    "(the two largest foreground classes of the real label maps); spread = SD over the samples "
+                    "of one map (mean over maps) and over the real volumes"}
 
 
 def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_dir, inception,

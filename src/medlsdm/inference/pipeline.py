@@ -21,7 +21,7 @@ from medlsdm.data.sources import sample_name
 from medlsdm.errors import MedlsdmError
 from medlsdm.inference.labelmaps import LabelMapJob, label_jobs, parse_label_map
 from medlsdm.inference.model import SynthesisModel, load_model, resolve_device
-from medlsdm.inference.synthesis import decode, synthesize
+from medlsdm.inference.synthesis import appearance_targets, decode, synthesize
 
 REPORT_FILE = "sampling_report.json"
 
@@ -89,7 +89,7 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
                     eta: float = 0.0, seed: int = 0, batch_size: int = 1, device: str = "auto",
                     save_trajectory: bool = False, progress: bool = True, clip_x0: float | None = None,
                     layout: str = "auto", label_map: str | dict | None = None, crop: bool = False,
-                    tile: bool = False, overwrite: bool = False) -> list[Path]:
+                    tile: bool = False, overwrite: bool = False, appearance: str | dict = "auto") -> list[Path]:
     """Generate `n` volumes per label map (or `n` in all for unconditional models) and write each
     as ``<case ID>_sample<k>.nii.gz`` on the label map's own grid and affine, in original
     intensities, plus ``<case ID>_sample<k>.png`` (label map | sample on the model's grid) and,
@@ -104,6 +104,9 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
     grids larger than the training window in overlapping tiles of it instead of whole. `out` is a
     new folder or one `sample` wrote before (`medlsdm.files.owned_output`; `overwrite`: any other),
     locked while it is written; every volume is marked synthetic, with a provenance sidecar.
+    `appearance`: each sample's noise level, tissue contrast and bias field (see
+    `synthesis.appearance_targets`; "auto": a training scan's, drawn with the seed, when the model
+    has an appearance profile), recorded in its provenance and the report.
     The same seed gives the same files (for the same batch size: one noise draw per batch)."""
     from medlsdm.files import owned_output
 
@@ -135,15 +138,17 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
         jobs = [LabelMapJob(case_id="sample", source=Path(), label=None,
                             record=unconditional_record(model, shape))]
     tile_shape = model.card.shape if tile else None
+    appearance_targets(model, 1, seed, appearance if model.conditional else "none")   # bad settings fail here
     inputs = [p for p in (labels, model_dir) if p is not None]
     with owned_output(out, "sample", inputs=inputs, overwrite=overwrite) as out:
         return _generate(model, jobs, out, model_dir, n, sampler, steps, guidance, eta, seed, batch_size,
-                         save_trajectory, progress, clip_x0, tile_shape, intensity)
+                         save_trajectory, progress, clip_x0, tile_shape, intensity, appearance)
 
 
 def _generate(model: SynthesisModel, jobs: list[LabelMapJob], out: Path, model_dir, n: int, sampler: str,
               steps: int | None, guidance: float, eta: float, seed: int, batch_size: int, save_trajectory: bool,
-              progress: bool, clip_x0: float | None, tile_shape, intensity: dict | None) -> list[Path]:
+              progress: bool, clip_x0: float | None, tile_shape, intensity: dict | None,
+              appearance: str | dict = "auto") -> list[Path]:
     from tqdm.auto import tqdm
 
     from medlsdm.data.io import synthetic_provenance
@@ -151,8 +156,11 @@ def _generate(model: SynthesisModel, jobs: list[LabelMapJob], out: Path, model_d
 
     base = synthetic_provenance(model_dir, sampler, steps, guidance, seed=seed, label_path=None)   # hashes once
     written: list[Path] = []
+    if not model.conditional:
+        appearance = "none"
     report = {"model": Path(model_dir).name, "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta,
-              "seed": int(seed), "label_maps": []}
+              "seed": int(seed), "appearance": appearance if isinstance(appearance, str) else dict(appearance),
+              "label_maps": []}
     bar = tqdm(total=len(jobs) * n, desc="generating", unit="volume", disable=not progress)
     for job in jobs:
         image_shape = job.grid_shape
@@ -166,11 +174,13 @@ def _generate(model: SynthesisModel, jobs: list[LabelMapJob], out: Path, model_d
             batch_seed = seed_for(seed, job.case_id, start)
             volumes = synthesize(model, job.label, n=k, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
                                  seed=batch_seed, image_shape=image_shape, callback=callback, progress=False,
-                                 clip_x0=clip_x0, tile=tile_shape).float().cpu().numpy()
+                                 clip_x0=clip_x0, tile=tile_shape, appearance=appearance).float().cpu().numpy()
+            targets = appearance_targets(model, k, batch_seed, appearance)
             for j in range(k):
                 name = sample_name(job.case_id, start + j)
                 provenance = {**base, "seed": batch_seed, "sample_index": start + j,
-                              "label_map_case_id": job.case_id if model.conditional else None}
+                              "label_map_case_id": job.case_id if model.conditional else None,
+                              "appearance": targets[j] if targets else None}
                 write_sample(out / f"{name}.nii.gz", volumes[j], job.record, intensity, provenance)
                 _preview(out / f"{name}.png", volumes[j], job.label)
                 written.append(out / f"{name}.nii.gz")

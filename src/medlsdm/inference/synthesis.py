@@ -1,5 +1,7 @@
 """Sampling and decoding on the prepared grid: one-hot label map -> sampler in the latent (or
-pixel) space -> unscale, optional re-quantisation, decode (SPADE decoders get the label map).
+pixel) space -> unscale, optional re-quantisation, decode (SPADE decoders get the label map) ->
+the acquisition appearance (noise, contrast, bias field) of a training scan drawn with the seed,
+when the model's sidecar has an appearance profile (`medlsdm.data.appearance`).
 
 Grids larger than the training window are sampled whole (the networks are convolutional and
 their attention takes any size), or in overlapping tiles of the training window blended at every
@@ -8,7 +10,7 @@ step (`TiledDenoiser`), which keeps what the network sees at its training size.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -122,11 +124,12 @@ def _padded_condition(cond: torch.Tensor, spatial: Sequence[int], factor: Sequen
 def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, sampler: str = "ddim",
                steps: int | None = 50, guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
                image_shape: Sequence[int] | None = None, callback: Callable | None = None,
-               progress: bool = True, clip_x0: float | None = None, tile: Sequence[int] | None = None
-               ) -> torch.Tensor:
+               progress: bool = True, clip_x0: float | None = None, tile: Sequence[int] | None = None,
+               appearance: str | Mapping = "auto") -> torch.Tensor:
     """`n` volumes (n, C, D, H, W) in [-1, 1] on the prepared grid, for one prepared label map
     (D, H, W) (None for unconditional models, which then need `image_shape`); `clip_x0`: see
-    `x0_clip`; `tile` (image voxels, D, H, W): denoise in overlapping tiles of that size."""
+    `x0_clip`; `tile` (image voxels, D, H, W): denoise in overlapping tiles of that size;
+    `appearance`: see `appearance_targets`."""
     from medlsdm.diffusion.samplers import sample
 
     dcfg = model.sidecar["diffusion"]
@@ -151,7 +154,62 @@ def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, samp
     x = sample(denoiser, shape, sample_cond, model.schedule, sampler=sampler, steps=steps, eta=eta,
                guidance=guidance if model.conditional else 1.0, prediction=dcfg["prediction"],
                clip_x0=clip, generator=generator, callback=callback, progress=progress)
-    return decode(model, x, cond, image_shape)
+    return with_appearance(model, decode(model, x, cond, image_shape), label, seed, appearance)
+
+
+def appearance_targets(model: SynthesisModel, n: int, seed: int, appearance: str | Mapping = "auto"
+                       ) -> list[list[dict]] | None:
+    """The appearance each of `n` samples drawn with `seed` gets, per channel, or None:
+
+    * "auto": a training scan's appearance drawn at random (seeded, per sample) when the model's
+      sidecar has an appearance profile, else none; "sample": the same, an error without a profile;
+    * "none": the decoder's output as it is;
+    * a mapping ``{"noise": ..., "contrast": ..., "bias": ...}``: that appearance for every sample.
+    """
+    from medlsdm.data.appearance import APPEARANCE_STATISTICS, choose_target
+
+    profile = model.sidecar.get("appearance")
+    if isinstance(appearance, Mapping):
+        missing = [k for k in APPEARANCE_STATISTICS if k not in appearance]
+        if missing:
+            raise MedlsdmError(f"--appearance needs {', '.join(APPEARANCE_STATISTICS)} (missing {', '.join(missing)})")
+        if profile is None:
+            raise MedlsdmError("this model has no appearance profile (trained before appearance profiles existed, "
+                               "or unconditional): --appearance must be 'none'")
+        return [[{k: float(appearance[k]) for k in APPEARANCE_STATISTICS}] * len(profile["channels"])
+                for _ in range(n)]
+    if appearance not in ("auto", "sample", "none"):
+        raise MedlsdmError(f"--appearance must be auto, sample, none or noise=..,contrast=..,bias=.., not {appearance!r}")
+    if appearance == "none" or (profile is None and appearance == "auto"):
+        return None
+    if profile is None:
+        raise MedlsdmError("this model has no appearance profile (trained before appearance profiles existed, "
+                           "or unconditional): use --appearance none")
+    return [[choose_target(profile, c, np.random.default_rng([int(seed), i, 0]))
+             for c in range(len(profile["channels"]))] for i in range(n)]
+
+
+def with_appearance(model: SynthesisModel, volumes: torch.Tensor, label: np.ndarray | None, seed: int,
+                    appearance: str | Mapping = "auto") -> torch.Tensor:
+    """`volumes` (n, C, D, H, W) with the appearance `appearance_targets` gives them (nothing for
+    unconditional models: the tissues are found through the label map)."""
+    from medlsdm.data.appearance import apply_appearance
+
+    if label is None:
+        if isinstance(appearance, Mapping) or appearance == "sample":
+            raise MedlsdmError("appearance needs a label map (unconditional models have none): use --appearance none")
+        return volumes
+    targets = appearance_targets(model, volumes.shape[0], seed, appearance)
+    if targets is None:
+        return volumes
+    profile = model.sidecar["appearance"]
+    out = volumes.detach().float().cpu().numpy().copy()
+    label = np.asarray(label)
+    for i, per_channel in enumerate(targets):
+        rng = np.random.default_rng([int(seed), i, 1])
+        for c, target in enumerate(per_channel):
+            out[i, c] = apply_appearance(out[i, c], label, profile, target, rng)
+    return torch.from_numpy(out).to(device=volumes.device, dtype=volumes.dtype)
 
 
 def decode(model: SynthesisModel, x: torch.Tensor, cond: torch.Tensor | None, image_shape) -> torch.Tensor:

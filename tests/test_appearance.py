@@ -1,0 +1,151 @@
+"""The acquisition appearance model (`medlsdm.data.appearance`): a clean synthetic volume given a
+target's noise, contrast and bias reaches them; seeds vary it; the profile is fitted from data
+the demo did not make (a phantom with 0, 1, 2, 4 labels and a bright tissue that is not the
+largest class); samples of a trained model vary in appearance and record what they got."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medlsdm.data.appearance import (appearance_profile, appearance_statistics, apply_appearance, choose_target,
+                                     tissue_pair)
+from medlsdm.errors import DataError
+
+
+def _phantom(size: int = 28):
+    """Nested ellipsoids, labels 0 (background), 1, 2 (the largest), 4 (brightest, inside 2)."""
+    grid = np.indices((size,) * 3).astype(float) - (size - 1) / 2
+    r = np.sqrt((grid[0] / 1.1) ** 2 + grid[1] ** 2 + (grid[2] / 0.9) ** 2)
+    label = np.zeros((size,) * 3, dtype=np.int64)
+    label[r < 11.8] = 1
+    label[r < 11] = 2
+    label[r < 7] = 4
+    return label, grid / size
+
+
+def _scan(label, grid, rng, noise, gamma, bias):
+    """A 'real' scan in prepared intensities [-1, 1] (background = -1 = no signal)."""
+    signal = np.choose(np.searchsorted([0, 1, 2, 4], label), [0.0, 0.3, 0.55, 0.85]) ** gamma
+    field = np.exp(bias * (grid[0] + 0.5 * grid[1] ** 2 * 4))
+    signal = signal * field
+    signal = np.sqrt((signal + rng.normal(scale=noise, size=signal.shape)) ** 2
+                     + rng.normal(scale=noise, size=signal.shape) ** 2)
+    return np.clip(signal / 0.9 * 2 - 1, -1, 1)
+
+
+def test_tissue_pair_is_the_two_largest_foreground_classes():
+    label, _ = _phantom()
+    assert tissue_pair([label]) == (2, 4)
+    with pytest.raises(DataError, match="two foreground classes"):
+        tissue_pair([(label > 0).astype(int)])
+
+
+def test_clean_volume_reaches_the_targets_appearance():
+    label, grid = _phantom()
+    rng = np.random.default_rng(0)
+    reals = [_scan(label, grid, rng, noise, gamma, bias)
+             for noise, gamma, bias in [(0.01, 0.9, 0.05), (0.03, 1.2, 0.25), (0.05, 1.0, 0.15)]]
+    profile = appearance_profile(reals, [label] * 3, "mr")
+    assert (profile["tissue"], profile["other"], profile["noise_model"]) == (2, 4, "rician")
+    clean = _scan(label, grid, np.random.default_rng(1), 1e-4, 1.1, 0.0)   # what a decoder gives
+    for target in profile["channels"][0]:
+        out = apply_appearance(clean, label, profile, target, np.random.default_rng(5))
+        got = appearance_statistics(out, label, 2, 4)
+        assert got["contrast"] == pytest.approx(target["contrast"], abs=0.01)
+        assert got["noise"] == pytest.approx(target["noise"], rel=0.25)
+        assert got["bias"] == pytest.approx(target["bias"], rel=0.3, abs=0.01)
+        assert out.min() >= -1 and out.max() <= 1 and out.dtype == np.float32
+        # background stays near 'no signal' (Rician noise only), the brain keeps its order
+        assert np.median(out[label == 0]) < -0.8
+        assert np.median(out[label == 4]) > np.median(out[label == 2])
+
+
+def test_appearance_is_seeded_and_noise_already_there_counts():
+    label, grid = _phantom()
+    profile = appearance_profile([_scan(label, grid, np.random.default_rng(0), 0.03, 1.0, 0.1)], [label], "mr")
+    target = choose_target(profile, 0, np.random.default_rng(0))
+    clean = _scan(label, grid, np.random.default_rng(1), 1e-4, 1.0, 0.0)
+    a = apply_appearance(clean, label, profile, target, np.random.default_rng(7))
+    b = apply_appearance(clean, label, profile, target, np.random.default_rng(7))
+    c = apply_appearance(clean, label, profile, target, np.random.default_rng(8))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # a volume that already has the target's noise gets no more
+    noisy = _scan(label, grid, np.random.default_rng(2), 0.03, 1.0, 0.1)
+    again = apply_appearance(noisy, label, profile, appearance_statistics(noisy, label, 2, 4),
+                             np.random.default_rng(3))
+    assert appearance_statistics(again, label, 2, 4)["noise"] == pytest.approx(
+        appearance_statistics(noisy, label, 2, 4)["noise"], rel=0.05)
+
+
+def test_profile_skips_cases_without_the_tissues_and_refuses_when_none_has_them():
+    label, grid = _phantom()
+    tiny = np.zeros_like(label)
+    tiny[14, 14, 14], tiny[14, 14, 15] = 2, 4
+    scan = _scan(label, grid, np.random.default_rng(0), 0.02, 1.0, 0.1)
+    profile = appearance_profile([scan, scan], [label, tiny], "ct")
+    assert len(profile["channels"][0]) == 1 and profile["noise_model"] == "gaussian"
+    with pytest.raises(DataError, match="enough of classes"):
+        appearance_profile([scan], [tiny + (tiny == 0) * (label > 0) * 2], "mr")
+
+
+def test_synthesis_applies_a_drawn_appearance_per_sample(tmp_path):
+    """With an appearance profile in its sidecar, samples of one label map differ in noise and
+    contrast by seed, `--appearance none` gives the decoder's output, chosen values are taken, and
+    each sample's provenance names its appearance."""
+    import torch
+
+    from medlsdm.inference.synthesis import appearance_targets, with_appearance
+    from medlsdm.errors import MedlsdmError
+
+    label, grid = _phantom()
+    reals = [_scan(label, grid, np.random.default_rng(i), noise, gamma, 0.1)
+             for i, (noise, gamma) in enumerate([(0.01, 0.8), (0.04, 1.3), (0.02, 1.0), (0.05, 1.1)])]
+
+    class Model:
+        sidecar = {"appearance": appearance_profile(reals, [label] * 4, "mr")}
+
+    clean = torch.from_numpy(_scan(label, grid, np.random.default_rng(9), 1e-4, 1.0, 0.0)).float()
+    volumes = clean[None, None].repeat(4, 1, 1, 1, 1)
+    out = with_appearance(Model(), volumes, label, seed=3)
+    stats = [appearance_statistics(v[0].numpy(), label, 2, 4) for v in out]
+    assert np.std([s["noise"] for s in stats]) > 0.005 and np.std([s["contrast"] for s in stats]) > 0.01
+    assert torch.equal(with_appearance(Model(), volumes, label, seed=3), out)            # seeded
+    assert torch.equal(with_appearance(Model(), volumes, label, seed=3, appearance="none"), volumes)
+    chosen = with_appearance(Model(), volumes[:1], label, seed=0,
+                             appearance={"noise": 0.05, "contrast": -0.3, "bias": 0.0})
+    assert appearance_statistics(chosen[0, 0].numpy(), label, 2, 4)["noise"] == pytest.approx(0.05, rel=0.25)
+    assert appearance_targets(Model(), 2, 3) == appearance_targets(Model(), 2, 3)
+    with pytest.raises(MedlsdmError, match="needs noise, contrast, bias"):
+        appearance_targets(Model(), 1, 0, {"noise": 0.1})
+    Model.sidecar = {}
+    assert appearance_targets(Model(), 2, 3) is None             # auto: nothing without a profile
+    with pytest.raises(MedlsdmError, match="no appearance profile"):
+        appearance_targets(Model(), 1, 0, "sample")
+
+
+def test_evaluate_quality_reports_appearance_spread(tmp_path):
+    """`evaluate quality` (diversity): samples of one map that are all the same image vary by
+    nothing, samples with their own noise and contrast vary; real scans set the yardstick."""
+    from evaluation_data import write_nifti
+
+    from medlsdm.evaluation.quality import evaluate_quality
+
+    label, grid = _phantom()
+    settings = [(0.01, 0.8, 0.05), (0.04, 1.3, 0.2), (0.02, 1.0, 0.1), (0.05, 1.1, 0.15)]
+    for i, (noise, gamma, bias) in enumerate(settings):
+        write_nifti(tmp_path / "real" / "images" / f"c{i}.nii.gz",
+                    _scan(label, grid, np.random.default_rng(i), noise, gamma, bias).astype(np.float32))
+        write_nifti(tmp_path / "real" / "labels" / f"c{i}.nii.gz", label.astype(np.int16))
+    clean = _scan(label, grid, np.random.default_rng(9), 1e-4, 1.0, 0.0).astype(np.float32)
+    for k in range(3):
+        write_nifti(tmp_path / "same" / f"c0_sample{k}.nii.gz", clean)
+        write_nifti(tmp_path / "varied" / f"c0_sample{k}.nii.gz",
+                    _scan(label, grid, np.random.default_rng(20 + k), *settings[k]).astype(np.float32))
+    same = evaluate_quality(tmp_path / "real", tmp_path / "same", tmp_path / "o1", metrics="diversity",
+                            progress=False, figures=False)["diversity"]["appearance"]
+    varied = evaluate_quality(tmp_path / "real", tmp_path / "varied", tmp_path / "o2", metrics="diversity",
+                              progress=False, figures=False)["diversity"]["appearance"]
+    assert (same["tissue"], same["other"]) == (2, 4)
+    assert all(abs(v) < 1e-9 for v in same["ratio"].values()), same["ratio"]
+    assert all(varied["ratio"][k] > 0.3 for k in ("noise", "contrast", "bias")), varied["ratio"]
