@@ -37,6 +37,25 @@ def timed(label, fn, log):
     return result
 
 
+def autoencoder_copy(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """The image through the shipped model's autoencoder (encode, quantise, decode with its own
+    label map): what a diffusion model that memorised the image's latent would produce."""
+    import torch
+
+    from medlsdm.data.labels import one_hot
+    from medlsdm.demo import shipped_model_dir
+    from medlsdm.inference.model import load_autoencoder
+
+    ae, _ = load_autoencoder(shipped_model_dir())
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    x = torch.tensor(np.clip((image - lo) / (hi - lo) * 2 - 1, -1, 1), dtype=torch.float32)[None, None]
+    with torch.no_grad():
+        z, _, _ = ae.quantize(ae.encode(x))
+        cond = one_hot(torch.as_tensor(label, dtype=torch.long)[None, None], ae.num_classes).float()
+        rec = ae.decode(z, label=cond, out_shape=image.shape)[0, 0].numpy()
+    return ((rec + 1) / 2 * (hi - lo) + lo).astype(np.float32)
+
+
 def plant_copies(train_images: Path, train_labels: Path, out: Path, victims, seed=0):
     """Copies of training images named as samples of the victim's own label map."""
     import nibabel as nib
@@ -53,7 +72,8 @@ def plant_copies(train_images: Path, train_labels: Path, out: Path, victims, see
                                    mode="nearest")
         kinds = {"exact": a, "noisy": a + 0.03 * a.std() * rng.normal(size=a.shape),
                  "shifted": np.roll(a, (1, -1, 0), (0, 1, 2)), "flipped": a[::-1],
-                 "scaled": 1.3 * a + 0.1 * a.std(), "deformed": deformed}
+                 "scaled": 1.3 * a + 0.1 * a.std(), "deformed": deformed,
+                 "autoencoder": autoencoder_copy(a, np.asarray(nib.load(str(train_labels / f"{victim}.nii.gz")).dataobj))}
         for k, (kind, arr) in enumerate(kinds.items()):
             path = out / f"{victim}_sample{90 + k}.nii.gz"
             nib.save(nib.Nifti1Image(np.ascontiguousarray(arr, dtype=np.float32), img.affine), str(path))
@@ -168,11 +188,13 @@ def privacy_stage(args, out, cohort, syn_train, syn_test, train_real, test_real,
     near = {p["synthetic_id"]: p for p in nearest["pairs"] if p["synthetic_id"] not in heldout_ids}
     summary.update({
         "privacy": {"threshold": privacy["threshold"], "baseline_rate": privacy["baseline_rate"],
+                    "bands": privacy["bands"], "settings": privacy["settings"],
                     "held_out_to_train": privacy["held_out_to_train"],
                     "held_out_samples_to_own_image": privacy["held_out_samples_to_own_image"],
                     "planted": [{"file": f, "kind": k, "victim": v,
                                  "similarity": pairs[f.removesuffix(".nii.gz")]["similarity"],
                                  "flagged": pairs[f.removesuffix(".nii.gz")]["flagged"],
+                                 "bands": {b: pairs[f.removesuffix(".nii.gz")][b] for b in ("detail", "field")},
                                  "nearest": pairs[f.removesuffix(".nii.gz")]["train_id"],
                                  "nearest_mode_flagged": near[f.removesuffix(".nii.gz")]["flagged"]}
                                 for f, k, v in planted],
@@ -183,8 +205,8 @@ def privacy_stage(args, out, cohort, syn_train, syn_test, train_real, test_real,
                                                      if int(s.rsplit("sample", 1)[1]) < 90),
                                "nearest_mode_flagged": sum(p["flagged"] for s, p in near.items()
                                                            if int(s.rsplit("sample", 1)[1]) < 90)},
-                    "honest_pairs": [[s, p["train_id"], p["similarity"], p["flagged"]] for s, p in sorted(pairs.items())
-                                     if int(s.rsplit("sample", 1)[1]) < 90],
+                    "honest_pairs": [[s, p["train_id"], p["similarity"], p["flagged"], p["detail"], p["field"]]
+                                     for s, p in sorted(pairs.items()) if int(s.rsplit("sample", 1)[1]) < 90],
                     "nearest_mode_threshold": nearest["threshold"]},
     })
     save(out, summary)

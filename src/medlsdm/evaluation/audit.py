@@ -30,19 +30,25 @@ from medlsdm.errors import DataError, MedlsdmError
 from medlsdm.evaluation.metrics import json_safe
 from medlsdm.evaluation.pairing import (VolumeFiles, load_image, load_label, refuse_same_folder,
                                         scan_folder, split_sample_name)
-from medlsdm.evaluation.privacy import copy_audit, privacy_audit
+from medlsdm.evaluation.copying import copy_audit
+from medlsdm.evaluation.privacy import privacy_audit
 
 # What the report says each audit can and cannot detect.
 COPY_AUDIT_SCOPE = (
-    "Detects: synthetic volumes that reproduce a training patient's own texture, noise and intensity "
-    "idiosyncrasies inside the anatomy - exact, noisy, intensity-scaled, slightly shifted (up to the "
-    "configured shift), axis-flipped and mildly deformed copies - even when generated from that "
-    "patient's own label map. Cannot detect: copying of the anatomy itself (a label map is shared by "
-    "design), copies of structures outside the label classes' interiors (class edges and background "
-    "are not compared), copies rotated, scaled in size or moved further than the shift range, copies "
-    "whose texture was replaced (e.g. heavily smoothed), or memorisation of patients outside the "
-    "training folder given. The threshold is only as good as the held-out cases: with n of them, an "
-    "honest model's samples are flagged at about the baseline rate (1/(n+1) with the max rule).")
+    "Detects: synthetic volumes that reproduce what is private to one training image beyond its label map "
+    "and the cohort - its voxel-scale detail (acquisition noise; detail band, any training image, up to "
+    "the configured shift, axis flips) or its smooth intensity field (bias field; field band, the image of "
+    "the sample's own label map): exact, noisy, intensity-scaled, slightly shifted, axis-flipped and "
+    "mildly deformed copies, and copies whose detail was lost but whose intensity field was kept (e.g. a "
+    "training image passed through the autoencoder), even when generated from that patient's own label "
+    "map. Cannot detect: copying of the anatomy itself (a label map is shared by design), reproduction "
+    "of anatomy-scale texture (a label-conditioned model learns it from the maps; it is not tested), "
+    "copies outside the label classes' interiors (class edges and background are not compared), copies "
+    "rotated, scaled in size or moved further than the shift range, smoothed copies of a patient other "
+    "than the one whose map was given, or memorisation of patients outside the training folder given. "
+    "The field band has few degrees of freedom: only close reproductions of a whole field stand out. "
+    "The thresholds are only as good as the held-out cases: an honest model's samples are flagged at "
+    "about the baseline rate.")
 NEAREST_SCOPE = (
     "Detects: synthetic volumes whose voxels correlate with a training volume more than held-out real "
     "patients do (near-duplicates on the same grid). Cannot tell memorised detail from shared anatomy: "
@@ -224,6 +230,9 @@ def _privacy_figures(out_dir: Path, result: dict, syn_arr, train_arr, syn_ids, t
     held = "held_out_to_train" in result
     reference = result["held_out_to_train"] if held else result["train_to_train"]
     real_label = "held-out real to nearest training" if held else "real to nearest other real"
+    if result.get("held_out_samples_to_own_image"):
+        reference = list(reference) + list(result["held_out_samples_to_own_image"])
+        real_label = "held-out real and held-out-map samples (calibration)"
     similarity_histogram(out_dir / hist, reference, result["synthetic_to_train"], result["threshold"],
                          result["similarity"], real_label)
     figs = [{"path": hist, "caption": f"Nearest-neighbour {result['similarity']}: {real_label} (the threshold's "

@@ -23,8 +23,7 @@ import numpy as np
 from medlsdm.errors import DataError, MedlsdmError
 from medlsdm.evaluation.metrics import ssim3d
 
-__all__ = ["NearestResult", "nearest_neighbours", "real_to_real_nearest", "privacy_audit", "label_residual",
-           "residual_correlation", "copy_audit", "COPY_AUDIT_DEFAULTS"]
+__all__ = ["NearestResult", "nearest_neighbours", "real_to_real_nearest", "privacy_audit", "case_ids"]
 
 SIMILARITIES = ("ncc", "ssim")
 DEFAULT_BLOCK_BYTES = 256 * 2 ** 20
@@ -152,7 +151,7 @@ def privacy_audit(synthetic: Sequence, train: Sequence, synthetic_ids: Sequence[
     others. Without ``held_out``, the leave-one-out real-to-real similarities inside the training
     set (the older rule; the bar rises with the cohort size). A synthetic volume is flagged when
     its nearest-training similarity is strictly above the threshold. For label-conditioned models
-    use ``copy_audit``: their samples share the anatomy of a training map by design.
+    use ``evaluation.copying.copy_audit``: their samples share the anatomy of a training map by design.
 
     Returns a JSON-ready dict: ``similarity``, ``threshold``, ``threshold_rule``, ``quantile``,
     ``n_synthetic``, ``n_train``, ``n_flagged``, ``fraction_flagged``, ``flagged`` (pairs above
@@ -162,8 +161,8 @@ def privacy_audit(synthetic: Sequence, train: Sequence, synthetic_ids: Sequence[
     """
     if quantile is not None and not 0.0 < quantile <= 1.0:
         raise MedlsdmError(f"quantile must be in (0, 1], got {quantile}")
-    synthetic_ids = _ids(synthetic_ids, len(synthetic), "synthetic")
-    train_ids = _ids(train_ids, len(train), "train")
+    synthetic_ids = case_ids(synthetic_ids, len(synthetic), "synthetic")
+    train_ids = case_ids(train_ids, len(train), "train")
     syn = nearest_neighbours(synthetic, train, similarity, mask, data_range, block_bytes)
     baseline_rate = None
     if held_out is not None:
@@ -208,227 +207,9 @@ def privacy_audit(synthetic: Sequence, train: Sequence, synthetic_ids: Sequence[
     }
 
 
-def _ids(ids: Sequence[str] | None, n: int, what: str) -> list[str]:
+def case_ids(ids: Sequence[str] | None, n: int, what: str) -> list[str]:
     if ids is None:
         return [str(i) for i in range(n)]
     if len(ids) != n:
         raise DataError(f"{what}_ids has {len(ids)} entries for {n} {what} volumes")
     return [str(i) for i in ids]
-
-
-# ============================================================================ copy audit
-#
-# Label-conditioned models reproduce the anatomy of the label map they are given, so a sample of a
-# training label map resembles that training image however honest the model is. What a copy also
-# reproduces is what the map does not explain: the patient's texture, noise and intensity
-# idiosyncrasies. The copy audit therefore compares *label-conditional residuals* — the image
-# minus a per-class smooth intensity field predicted from its own label map — inside the class
-# interiors (class edges, where partial volume is shared by any two images of one map, are left
-# out), by correlation, maximised over small shifts and axis flips so that moved copies are found
-# too. The threshold is calibrated on held-out real cases (never trained on) compared with the
-# training set: a synthetic volume whose residual is closer to a training residual than any
-# held-out patient's is flagged.
-
-COPY_AUDIT_DEFAULTS = {
-    "field_sigma": 3.0,     # voxels: smoothness of the per-class intensity field (the map's "prediction")
-    "texture_sigma": 0.7,   # voxels: residual smoothing, tolerates sub-voxel deformation
-    "erode": 1,             # voxels removed at every class edge
-    "outlier": 4.0,         # |residual| above this many robust SDs: map/image disagreement, not texture
-    "max_shift": 2,         # shifts d with |dx| + |dy| + |dz| <= max_shift (voxels)
-    "flips": True,          # also compare with the volume flipped along each axis
-    "min_overlap": 0.2,     # minimum shared interior, as a fraction of the smaller one
-}
-
-
-def label_residual(image: np.ndarray, label: np.ndarray, field_sigma: float = 3.0, texture_sigma: float = 0.7,
-                   erode: int = 1, outlier: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
-    """(residual (C, X, Y, Z) float32, interior mask (X, Y, Z)) of ``image`` (C, X, Y, Z) given its
-    ``label`` map (X, Y, Z).
-
-    Prediction: for each class k, the normalised convolution of the image over class k's voxels
-    (Gaussian ``field_sigma``), so each voxel is predicted from its own class only. The residual
-    is smoothed by ``texture_sigma``, restricted to the interiors of the foreground classes
-    (eroded by ``erode``), cleared of outliers (``outlier`` robust SDs) and scaled to zero mean
-    and unit norm per channel; zero outside the interior."""
-    from scipy.ndimage import binary_erosion, gaussian_filter
-
-    image = np.asarray(image, dtype=np.float64)
-    label = np.asarray(label)
-    if image.ndim == 3:
-        image = image[None]
-    if image.shape[1:] != label.shape:
-        raise DataError(f"label map shape {label.shape} does not match image shape {image.shape[1:]}")
-    prediction = np.zeros_like(image)
-    interior = np.zeros(label.shape, dtype=bool)
-    for k in np.unique(label):
-        member = label == k
-        weight = gaussian_filter(member.astype(np.float64), field_sigma)
-        for c in range(image.shape[0]):
-            field = gaussian_filter(image[c] * member, field_sigma)
-            prediction[c][member] = field[member] / np.maximum(weight[member], 1e-12)
-        if k > 0:
-            interior |= binary_erosion(member, iterations=erode) if erode > 0 else member
-    residual = image - prediction
-    out = np.zeros(image.shape, dtype=np.float32)
-    for c in range(image.shape[0]):
-        r = gaussian_filter(residual[c], texture_sigma) if texture_sigma > 0 else residual[c]
-        values = r[interior]
-        if values.size == 0:
-            continue
-        centre = np.median(values)
-        spread = 1.4826 * np.median(np.abs(values - centre)) or 1.0
-        keep = interior & (np.abs(r - centre) <= outlier * spread)
-        v = np.where(keep, r - r[keep].mean() if keep.any() else 0.0, 0.0)
-        norm = np.linalg.norm(v)
-        out[c] = v / norm if norm > 0 else 0.0
-    return out, interior
-
-
-def _shifts(max_shift: int) -> list[tuple[int, int, int]]:
-    r = range(-max_shift, max_shift + 1)
-    return [(a, b, c) for a in r for b in r for c in r if abs(a) + abs(b) + abs(c) <= max_shift]
-
-
-def _window(n: int, d: int) -> tuple[slice, slice]:
-    """Slices of two arrays of length n that overlap when the first is moved by d."""
-    return (slice(0, n - d), slice(d, n)) if d >= 0 else (slice(-d, n), slice(0, n + d))
-
-
-def residual_correlation(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
-                         max_shift: int = 2, flips: bool = True, min_overlap: float = 0.2) -> float:
-    """Largest correlation of residual ``a`` with residual ``b`` (each ``(residual, interior)``
-    from ``label_residual``) over shifts and axis flips of ``a``, on their shared interior; NaN
-    when no placement shares ``min_overlap`` of the smaller interior."""
-    ra, ma = a
-    rb, mb = b
-    if ra.shape != rb.shape:
-        raise DataError(f"copy audit: residual shapes differ, {ra.shape} and {rb.shape}")
-    need = min_overlap * min(ma.sum(), mb.sum())
-    best = -np.inf
-    for axes in ([()] + [(i,) for i in range(3)] if flips else [()]):
-        fa = np.flip(ra, [ax + 1 for ax in axes]) if axes else ra
-        fm = np.flip(ma, list(axes)) if axes else ma
-        for shift in _shifts(max_shift):
-            src, dst = zip(*(_window(n, d) for n, d in zip(ma.shape, shift)))
-            both = fm[src] & mb[dst]
-            if both.sum() < max(need, 1):
-                continue
-            x, y = fa[(slice(None), *src)], rb[(slice(None), *dst)]
-            den = np.sqrt(np.sum(x * x * both) * np.sum(y * y * both))
-            if den > 0:
-                best = max(best, float(np.sum(x * y) / den))
-    return best if np.isfinite(best) else float("nan")
-
-
-def copy_audit(synthetic: Sequence[np.ndarray], synthetic_labels: Sequence[np.ndarray],
-               train: Sequence[np.ndarray], train_labels: Sequence[np.ndarray],
-               held_out: Sequence[np.ndarray], held_out_labels: Sequence[np.ndarray], *,
-               synthetic_ids: Sequence[str] | None = None, train_ids: Sequence[str] | None = None,
-               held_out_ids: Sequence[str] | None = None, train_subjects: Sequence | None = None,
-               held_out_subjects: Sequence | None = None, synthetic_subjects: Sequence | None = None,
-               held_out_samples: Sequence[tuple[int, np.ndarray]] = (),
-               quantile: float | None = None, settings: dict | None = None) -> dict:
-    """Flag synthetic volumes whose label-conditional residual is closer to a training volume's
-    than any held-out real case's is (see the section comment above).
-
-    Volumes (C, X, Y, Z) or (X, Y, Z) with their label maps; each synthetic volume with the label
-    map it was generated from. Threshold: the maximum (or ``quantile``) over held-out cases of
-    their nearest-training residual correlation; a held-out case is never compared with training
-    volumes of its own subject (``*_subjects``), and held-out cases whose subject is in the
-    training set are left out of the calibration. ``baseline_rate``: the fraction of held-out
-    cases flagged against a threshold set by the others (leave one out) — what an honest model's
-    samples should not exceed.
-
-    ``held_out_samples``: (index of a held-out case, synthetic volume generated from that case's
-    label map) pairs. The correlation of such a sample with its own map's real image measures how
-    much of the residual the map explains *for this model* on maps it never saw (high when the
-    cohort's texture follows the anatomy); these values join the calibration, so samples of
-    training maps are flagged only when closer to their training image than that."""
-    cfg = {**COPY_AUDIT_DEFAULTS, **(settings or {})}
-    unknown = sorted(set(cfg) - set(COPY_AUDIT_DEFAULTS))
-    if unknown:
-        raise MedlsdmError(f"copy audit settings: unknown {', '.join(unknown)}")
-    if quantile is not None and not 0.0 < quantile <= 1.0:
-        raise MedlsdmError(f"quantile must be in (0, 1], got {quantile}")
-    if not len(train) or not len(synthetic):
-        raise DataError("copy audit needs at least one training and one synthetic volume")
-    synthetic_ids = _ids(synthetic_ids, len(synthetic), "synthetic")
-    train_ids = _ids(train_ids, len(train), "train")
-    held_out_ids = _ids(held_out_ids, len(held_out), "held_out")
-    # Without subject IDs every volume is its own subject (held-out IDs kept apart from training ones).
-    train_subjects = list(train_subjects) if train_subjects is not None else list(train_ids)
-    held_out_subjects = list(held_out_subjects) if held_out_subjects is not None else \
-        [f"held_out:{i}" for i in held_out_ids]
-    res_kw = {k: cfg[k] for k in ("field_sigma", "texture_sigma", "erode", "outlier")}
-    cmp_kw = {k: cfg[k] for k in ("max_shift", "flips", "min_overlap")}
-
-    def residuals(volumes, labels):
-        if len(volumes) != len(labels):
-            raise DataError(f"copy audit: {len(volumes)} volumes but {len(labels)} label maps")
-        return [label_residual(v, lab, **res_kw) for v, lab in zip(volumes, labels)]
-
-    train_res = residuals(train, train_labels)
-
-    def nearest(res, exclude_subject=None) -> tuple[int, float]:
-        best_i, best = -1, -np.inf
-        for i, t in enumerate(train_res):
-            if exclude_subject is not None and train_subjects[i] == exclude_subject:
-                continue
-            value = residual_correlation(res, t, **cmp_kw)
-            if np.isfinite(value) and value > best:
-                best_i, best = i, value
-        return best_i, (best if best_i >= 0 else float("nan"))
-
-    train_subject_set = set(train_subjects)
-    calibration, left_out = [], []
-    held_residuals = residuals(held_out, held_out_labels)
-    for hid, subject, res in zip(held_out_ids, held_out_subjects, held_residuals):
-        if subject in train_subject_set:
-            left_out.append(hid)
-            continue
-        j, value = nearest(res)
-        calibration.append({"held_out_id": hid, "train_id": train_ids[j] if j >= 0 else None, "similarity": value})
-    held_res = dict(enumerate(held_residuals))
-    for index, volume in held_out_samples:
-        if held_out_subjects[index] in train_subject_set:
-            continue
-        res = label_residual(volume, held_out_labels[index], **res_kw)
-        calibration.append({"held_out_id": held_out_ids[index], "train_id": None, "own_map_sample": True,
-                            "similarity": residual_correlation(res, held_res[index], **cmp_kw)})
-    values = np.array([c["similarity"] for c in calibration], dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size < 2:
-        raise DataError(f"copy audit: the threshold needs at least 2 held-out real cases of subjects not in "
-                        f"the training set, got {values.size}")
-    threshold = float(values.max() if quantile is None else np.quantile(values, quantile))
-    loo = [v > (np.delete(values, i).max() if quantile is None else np.quantile(np.delete(values, i), quantile))
-           for i, v in enumerate(values)]
-    pairs = []
-    syn_subjects = list(synthetic_subjects) if synthetic_subjects is not None else [None] * len(synthetic)
-    for sid, subject, res in zip(synthetic_ids, syn_subjects, residuals(synthetic, synthetic_labels)):
-        j, value = nearest(res)
-        pairs.append({"synthetic_id": sid, "train_id": train_ids[j] if j >= 0 else None,
-                      "train_subject": str(train_subjects[j]) if j >= 0 else None,
-                      "map_subject": None if subject is None else str(subject),
-                      "similarity": value, "flagged": bool(np.isfinite(value) and value > threshold)})
-    flagged = sorted((p for p in pairs if p["flagged"]), key=lambda p: -p["similarity"])
-    return {
-        "method": "label-conditional residual correlation",
-        "similarity": "residual correlation",
-        "threshold": threshold,
-        "threshold_rule": ("max" if quantile is None else f"quantile {quantile}") +
-                          " of held-out-real to training residual correlations" +
-                          (" and of held-out-map samples to their own map's real image" if held_out_samples else ""),
-        "quantile": quantile,
-        "settings": {k: cfg[k] for k in COPY_AUDIT_DEFAULTS},
-        "n_synthetic": len(synthetic), "n_train": len(train),
-        "n_held_out": sum(1 for c in calibration if not c.get("own_map_sample")), "n_calibration": int(values.size),
-        "held_out_left_out": left_out,
-        "baseline_rate": float(np.mean(loo)),
-        "n_flagged": len(flagged), "fraction_flagged": len(flagged) / len(synthetic),
-        "subjects_flagged": sorted({p["train_subject"] for p in flagged}),
-        "flagged": flagged, "pairs": pairs, "calibration": calibration,
-        "synthetic_to_train": [p["similarity"] for p in pairs],
-        "held_out_to_train": [c["similarity"] for c in calibration if not c.get("own_map_sample")],
-        "held_out_samples_to_own_image": [c["similarity"] for c in calibration if c.get("own_map_sample")],
-    }

@@ -364,9 +364,11 @@ def privacy_section(data: dict, out_dir: str | os.PathLike) -> Section:
     out_dir = Path(out_dir)
     sec = Section("Privacy: are synthetic volumes copies of training volumes?")
     conditional = data.get("mode") == "conditional"
-    method = ("label-conditional residuals (each image minus the per-class smooth intensity field its label "
-              "map predicts; what the map does not explain), compared by correlation inside the class "
-              "interiors, maximised over small shifts and axis flips" if conditional else
+    method = ("what a label map and the cohort do not explain, in two bands compared by correlation inside the "
+              "class interiors: voxel-scale detail (Laplacian; every training image, over small shifts and "
+              "axis flips) and the smooth intensity field minus the cohort's mean field (the image of the "
+              "sample's own label map); copy margin = the larger band correlation minus that band's "
+              "threshold" if conditional else
               f"{data.get('similarity')} of the images{' inside the foreground mask' if data.get('mask') else ''}")
     baseline = data.get("baseline_rate")
     sec.blocks.append(Text(
@@ -376,6 +378,11 @@ def privacy_section(data: dict, out_dir: str | os.PathLike) -> Section:
         + (f", {data.get('n_held_out')} held-out real cases; held-out cases flagged against the others' "
            f"threshold (the rate an honest model should not exceed): {fmt(100 * baseline, 3)} %."
            if baseline is not None else ".")))
+    bands = data.get("bands") or {}
+    if bands:
+        sec.blocks.append(Table(["band", "compared with", "threshold", "baseline rate", "flagged"],
+                                [[name, b.get("compared_with"), b.get("threshold"), b.get("baseline_rate"),
+                                  b.get("n_flagged")] for name, b in bands.items()], "Copy-audit bands"))
     if data.get("note"):
         sec.blocks.append(Text(data["note"]))
     if data.get("subjects_flagged"):
@@ -384,7 +391,7 @@ def privacy_section(data: dict, out_dir: str | os.PathLike) -> Section:
         sec.blocks.append(Text(f"What this audit can and cannot detect. {data['scope']}"))
     closest = sorted(data.get("pairs", []), key=lambda p: -(p.get("similarity") or -math.inf))[:10]
     if closest:
-        sec.blocks.append(Table(["synthetic", "nearest training volume", "similarity", "flagged"],
+        sec.blocks.append(Table(["synthetic", "nearest training volume", data.get("similarity") or "similarity", "flagged"],
                                 [[p["synthetic_id"], p["train_id"], p["similarity"], p["flagged"]] for p in closest],
                                 "Closest synthetic-training pairs"))
     sec.blocks += _figures(data, out_dir)
