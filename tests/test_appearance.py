@@ -34,9 +34,15 @@ def _scan(label, grid, rng, noise, gamma, bias):
     return np.clip(signal / 0.9 * 2 - 1, -1, 1)
 
 
-def test_tissue_pair_is_the_two_largest_foreground_classes():
+def test_tissue_pair_is_the_thickest_class_and_the_largest_other():
     label, _ = _phantom()
     assert tissue_pair([label]) == (2, 4)
+    # a thin sheet with many voxels (like cortex) loses to a thick ball with fewer
+    sheet = np.zeros((30, 30, 30), dtype=np.int64)
+    sheet[2:28, 2:28, 2:4] = 1                   # 1,352 voxels, 2 thick: nothing survives erosion
+    sheet[10:20, 10:20, 10:20] = 3               # 1,000 voxels
+    sheet[22:25, 5:9, 10:20] = 5                 # 120 voxels
+    assert tissue_pair([sheet]) == (3, 1)
     with pytest.raises(DataError, match="two foreground classes"):
         tissue_pair([(label > 0).astype(int)])
 

@@ -102,18 +102,26 @@ def appearance_statistics(image, label, tissue: int, other: int, erosion: int = 
 
 
 def tissue_pair(labels: Sequence[np.ndarray]) -> tuple[int, int]:
-    """The two foreground classes with the most voxels over ``labels``: the homogeneous tissue the
-    noise and bias are measured in, and the one it is contrasted with."""
+    """The tissue the noise and bias are measured in — the foreground class with the most voxels
+    left after a one-voxel erosion over ``labels`` (the thickest, most homogeneous one: white
+    rather than the thin cortical grey matter) — and the class it is contrasted with, the largest
+    other foreground class."""
+    from scipy import ndimage
+
+    cores: dict[int, int] = {}
     counts: dict[int, int] = {}
     for label in labels:
-        values, n = np.unique(np.asarray(label), return_counts=True)
+        label = np.asarray(label)
+        values, n = np.unique(label, return_counts=True)
         for v, c in zip(values.tolist(), n.tolist()):
             if v > 0:
                 counts[int(v)] = counts.get(int(v), 0) + int(c)
-    ranked = sorted(counts, key=lambda v: -counts[v])
-    if len(ranked) < 2:
+                cores[int(v)] = cores.get(int(v), 0) + int(ndimage.binary_erosion(label == v).sum())
+    if len(counts) < 2:
         raise DataError("an appearance profile needs label maps with at least two foreground classes")
-    return ranked[0], ranked[1]
+    tissue = max(cores, key=lambda v: (cores[v], counts[v]))
+    other = max((v for v in counts if v != tissue), key=lambda v: counts[v])
+    return tissue, other
 
 
 def appearance_profile(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], modality: str,
