@@ -196,7 +196,7 @@ def main() -> None:
             "model": str(model_dir), **opts, "cpu_seconds_per_volume": cpu,
             "ssim": paired["ssim"]["mean"], "psnr": paired["psnr"]["mean"],
             "lpips_vgg": paired.get("lpips_vgg", {}).get("mean"),
-            "fid2d": dist.get("fid2d", {}).get("value"), "checkerboard": dist["checkerboard"]["value"],
+            "fid2d": dist.get("fid2d", {}).get("mean"), "checkerboard": dist["checkerboard"]["value"],
             "checkerboard_per_axis": dist["checkerboard"]["per_axis"],
             "ms_ssim_within_map": quality["diversity"]["synthetic_mean"], "ms_ssim_real": quality["diversity"]["real"],
             "appearance_spread": spread,

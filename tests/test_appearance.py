@@ -113,17 +113,24 @@ def test_synthesis_applies_a_drawn_appearance_per_sample(tmp_path):
 
     clean = torch.from_numpy(_scan(label, grid, np.random.default_rng(9), 1e-4, 1.0, 0.0)).float()
     volumes = clean[None, None].repeat(4, 1, 1, 1, 1)
-    out = with_appearance(Model(), volumes, label, seed=3)
+    out, targets, note = with_appearance(Model(), volumes, label, seed=3)
+    assert note is None and len(targets) == 4 and targets == appearance_targets(Model(), 4, 3)
     stats = [appearance_statistics(v[0].numpy(), label, 2, 4) for v in out]
     assert np.std([s["noise"] for s in stats]) > 0.005 and np.std([s["contrast"] for s in stats]) > 0.01
-    assert torch.equal(with_appearance(Model(), volumes, label, seed=3), out)            # seeded
-    assert torch.equal(with_appearance(Model(), volumes, label, seed=3, appearance="none"), volumes)
+    assert torch.equal(with_appearance(Model(), volumes, label, seed=3)[0], out)            # seeded
+    assert torch.equal(with_appearance(Model(), volumes, label, seed=3, appearance="none")[0], volumes)
     chosen = with_appearance(Model(), volumes[:1], label, seed=0,
-                             appearance={"noise": 0.05, "contrast": -0.3, "bias": 0.0})
+                             appearance={"noise": 0.05, "contrast": -0.3, "bias": 0.0})[0]
     assert appearance_statistics(chosen[0, 0].numpy(), label, 2, 4)["noise"] == pytest.approx(0.05, rel=0.25)
     assert appearance_targets(Model(), 2, 3) == appearance_targets(Model(), 2, 3)
     with pytest.raises(MedlsdmError, match="needs noise, contrast, bias"):
         appearance_targets(Model(), 1, 0, {"noise": 0.1})
+    # a map with too little of the tissues: "auto" leaves it as it is and says why; chosen values fail
+    small = np.where(label == 4, 2, label)
+    kept, applied, note = with_appearance(Model(), volumes[:1], small, seed=0)
+    assert torch.equal(kept, volumes[:1]) and applied is None and "no appearance applied" in note
+    with pytest.raises(DataError):
+        with_appearance(Model(), volumes[:1], small, seed=0, appearance="sample")
     Model.sidecar = {}
     assert appearance_targets(Model(), 2, 3) is None             # auto: nothing without a profile
     with pytest.raises(MedlsdmError, match="no appearance profile"):

@@ -257,3 +257,39 @@ def test_large_maps_grow_the_window_or_tile_or_crop(runs, tmp_path):
     assert reports["grow"]["grid"] == reports["tile"]["grid"] and max(reports["grow"]["grid"]) > 16
     assert any("larger than the training window" in n for n in reports["tile"]["notes"])
     assert reports["crop"]["grid"] == [16, 16, 16] and any("--crop" in w for w in reports["crop"]["warnings"])
+
+
+def test_samples_take_a_drawn_appearance_and_record_it(runs, tmp_path, capsys):
+    """A model with an appearance profile: each sample gets a training scan's noise, contrast and
+    bias (drawn with its seed, recorded in its provenance and the report); `--appearance none`
+    gives the decoder's output, as for a model without a profile; bad values are one-line errors."""
+    import shutil
+
+    run, bare = tmp_path / "run", tmp_path / "bare"
+    scans = [{"noise": 0.05, "contrast": -0.2, "bias": 0.1}, {"noise": 0.2, "contrast": 0.1, "bias": 0.3}]
+    for folder, profile in ((run, {"version": 1, "tissue": 1, "other": 2, "noise_model": "rician",
+                                   "channels": [scans]}), (bare, None)):
+        shutil.copytree(runs["semantic"], folder)
+        sidecar = json.loads((folder / "diffusion.json").read_text(encoding="utf-8"))
+        sidecar.pop("appearance", None)
+        if profile:
+            sidecar["appearance"] = profile
+        (folder / "diffusion.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    label = write_label_map(tmp_path / "case_a.nii.gz", shape=(24, 20, 22))
+    assert sample(run, tmp_path / "drawn", "--n", "3", labels=label) == 0
+    assert sample(run, tmp_path / "none", "--n", "3", "--appearance", "none", labels=label) == 0
+    assert sample(bare, tmp_path / "plain", "--n", "3", labels=label) == 0
+    drawn = [load(tmp_path / "drawn" / f"case_a_sample{k}.nii.gz")[0] for k in range(3)]
+    for k in range(3):
+        plain = load(tmp_path / "plain" / f"case_a_sample{k}.nii.gz")[0]
+        assert np.array_equal(load(tmp_path / "none" / f"case_a_sample{k}.nii.gz")[0], plain)
+        assert not np.array_equal(drawn[k], plain)
+        provenance = json.loads((tmp_path / "drawn" / f"case_a_sample{k}.json").read_text(encoding="utf-8"))
+        assert provenance["appearance"][0] in scans
+    report = json.loads((tmp_path / "drawn" / "sampling_report.json").read_text(encoding="utf-8"))
+    assert report["appearance"] == "auto"
+    capsys.readouterr()
+    assert sample(run, tmp_path / "bad", "--appearance", "noise=0.1", labels=label) == 2
+    assert "needs noise, contrast, bias" in capsys.readouterr().err
+    assert sample(bare, tmp_path / "bad2", "--appearance", "sample", labels=label) == 2
+    assert "no appearance profile" in capsys.readouterr().err

@@ -8,8 +8,9 @@ spacing and orientation, de-normalise -> NIfTI + PNG preview (+ denoising GIF) +
 
 from __future__ import annotations
 
-import zlib
+import logging
 import warnings
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,9 @@ from medlsdm.data.sources import sample_name
 from medlsdm.errors import MedlsdmError
 from medlsdm.inference.labelmaps import LabelMapJob, label_jobs, parse_label_map
 from medlsdm.inference.model import SynthesisModel, load_model, resolve_device
-from medlsdm.inference.synthesis import appearance_targets, decode, synthesize
+from medlsdm.inference.synthesis import appearance_targets, decode, synthesize, with_appearance
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "sampling_report.json"
 
@@ -174,8 +177,12 @@ def _generate(model: SynthesisModel, jobs: list[LabelMapJob], out: Path, model_d
             batch_seed = seed_for(seed, job.case_id, start)
             volumes = synthesize(model, job.label, n=k, sampler=sampler, steps=steps, guidance=guidance, eta=eta,
                                  seed=batch_seed, image_shape=image_shape, callback=callback, progress=False,
-                                 clip_x0=clip_x0, tile=tile_shape, appearance=appearance).float().cpu().numpy()
-            targets = appearance_targets(model, k, batch_seed, appearance)
+                                 clip_x0=clip_x0, tile=tile_shape, appearance="none")
+            volumes, targets, note = with_appearance(model, volumes, job.label, batch_seed, appearance)
+            volumes = volumes.float().cpu().numpy()
+            if note and note not in job.warnings:
+                log.warning("warning: %s: %s", job.source, note)
+                job.warnings.append(note)
             for j in range(k):
                 name = sample_name(job.case_id, start + j)
                 provenance = {**base, "seed": batch_seed, "sample_index": start + j,

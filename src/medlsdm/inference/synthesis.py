@@ -10,6 +10,7 @@ step (`TiledDenoiser`), which keeps what the network sees at its training size.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -154,7 +155,10 @@ def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, samp
     x = sample(denoiser, shape, sample_cond, model.schedule, sampler=sampler, steps=steps, eta=eta,
                guidance=guidance if model.conditional else 1.0, prediction=dcfg["prediction"],
                clip_x0=clip, generator=generator, callback=callback, progress=progress)
-    return with_appearance(model, decode(model, x, cond, image_shape), label, seed, appearance)
+    volumes, _, note = with_appearance(model, decode(model, x, cond, image_shape), label, seed, appearance)
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return volumes
 
 
 def appearance_targets(model: SynthesisModel, n: int, seed: int, appearance: str | Mapping = "auto"
@@ -190,26 +194,34 @@ def appearance_targets(model: SynthesisModel, n: int, seed: int, appearance: str
 
 
 def with_appearance(model: SynthesisModel, volumes: torch.Tensor, label: np.ndarray | None, seed: int,
-                    appearance: str | Mapping = "auto") -> torch.Tensor:
-    """`volumes` (n, C, D, H, W) with the appearance `appearance_targets` gives them (nothing for
-    unconditional models: the tissues are found through the label map)."""
+                    appearance: str | Mapping = "auto") -> tuple[torch.Tensor, list[list[dict]] | None, str | None]:
+    """`volumes` (n, C, D, H, W) with the appearance `appearance_targets` gives them, the targets
+    applied (None: none) and, when "auto" had to leave a map as it was, why (unconditional models
+    have no label map to find the tissues in; a map with too little of the two tissue classes)."""
     from medlsdm.data.appearance import apply_appearance
+    from medlsdm.errors import DataError
 
+    explicit = isinstance(appearance, Mapping) or appearance == "sample"
     if label is None:
-        if isinstance(appearance, Mapping) or appearance == "sample":
+        if explicit:
             raise MedlsdmError("appearance needs a label map (unconditional models have none): use --appearance none")
-        return volumes
+        return volumes, None, None
     targets = appearance_targets(model, volumes.shape[0], seed, appearance)
     if targets is None:
-        return volumes
+        return volumes, None, None
     profile = model.sidecar["appearance"]
     out = volumes.detach().float().cpu().numpy().copy()
     label = np.asarray(label)
-    for i, per_channel in enumerate(targets):
-        rng = np.random.default_rng([int(seed), i, 1])
-        for c, target in enumerate(per_channel):
-            out[i, c] = apply_appearance(out[i, c], label, profile, target, rng)
-    return torch.from_numpy(out).to(device=volumes.device, dtype=volumes.dtype)
+    try:
+        for i, per_channel in enumerate(targets):
+            rng = np.random.default_rng([int(seed), i, 1])
+            for c, target in enumerate(per_channel):
+                out[i, c] = apply_appearance(out[i, c], label, profile, target, rng)
+    except DataError as exc:
+        if explicit:
+            raise
+        return volumes, None, f"no appearance applied: {exc}"
+    return torch.from_numpy(out).to(device=volumes.device, dtype=volumes.dtype), targets, None
 
 
 def decode(model: SynthesisModel, x: torch.Tensor, cond: torch.Tensor | None, image_shape) -> torch.Tensor:
