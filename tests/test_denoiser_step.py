@@ -1,0 +1,133 @@
+"""The denoiser's training step (forward + backward) against values recorded with the code before
+its speed changes (commit 5f4b235): the shipped demo denoiser on fixed inputs, batch 1 (the CPU
+fast paths: convolutions over slices, the label encoder in slice layout) and batch 2 (one null
+label map: the generic paths), output, loss and every parameter's gradient (its norm and first
+elements). And the fast paths against the generic ones on a small random network.
+
+Recorded (once, with the older tree on PYTHONPATH):
+
+    PYTHONPATH="$BEFORE"/src python tests/test_denoiser_step.py tests/data/denoiser_step_5f4b235.npz
+"""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+DEMO = Path(__file__).resolve().parents[1] / "src" / "medlsdm" / "weights" / "demo"
+RECORDED = Path(__file__).parent / "data" / "denoiser_step_5f4b235.npz"
+HEAD = 64  # first gradient elements recorded per parameter
+
+
+def _blocky_label(shape, k=4, seed=0, block=3):
+    coarse = torch.randint(0, k, (1, *(-(-s // block) for s in shape)), generator=torch.Generator().manual_seed(seed))
+    full = coarse.repeat_interleave(block, 1).repeat_interleave(block, 2).repeat_interleave(block, 3)
+    return F.one_hot(full[:, : shape[0], : shape[1], : shape[2]], k).movedim(-1, 1).float()
+
+
+def _inputs(batch: int):
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 8, 8, 16, 16, generator=gen)
+    target = torch.randn(batch, 8, 8, 16, 16, generator=gen)
+    t = torch.tensor([250, 40][:batch])
+    label = _blocky_label((32, 64, 64))
+    if batch == 2:
+        label = torch.cat([label, torch.zeros_like(label)])
+    return x, t, label, target
+
+
+def _step(net, batch: int) -> dict:
+    """Output, L1 loss and gradients of one training forward + backward."""
+    net.train()
+    net.zero_grad(set_to_none=True)
+    x, t, label, target = _inputs(batch)
+    out = net(x, t, label)
+    loss = (out - target).abs().mean()
+    loss.backward()
+    rec = {f"out{batch}": out.detach().numpy(), f"loss{batch}": loss.detach().numpy()}
+    for name, p in net.named_parameters():
+        g = p.grad.flatten()
+        rec[f"gnorm{batch}/{name}"] = g.norm().numpy()
+        rec[f"ghead{batch}/{name}"] = g[:HEAD].numpy()
+    return rec
+
+
+def _demo_denoiser():
+    from medlsdm.inference import load_model
+
+    return load_model(DEMO).denoiser.requires_grad_(True)   # loaded for sampling: frozen
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not RECORDED.is_file(), reason="recorded values missing")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_demo_denoiser_training_step_equals_the_recorded_one(one_thread, batch):
+    rec = np.load(RECORDED)
+    sha = hashlib.sha256((DEMO / "diffusion.safetensors").read_bytes()).hexdigest()
+    if sha != str(rec["sha_diffusion"]):
+        pytest.skip("the demo diffusion weights changed since the values were recorded")
+    got = _step(_demo_denoiser(), batch)
+    names = [k for k in rec.files if k.endswith(str(batch)) or f"{batch}/" in k]
+    assert set(names) == set(got), "parameter names changed"
+    for key in names:
+        # The forward is the same computation (bit for bit on 1 thread); gradients may differ in
+        # the last bits where a sum runs in another order.
+        np.testing.assert_allclose(got[key], rec[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(got[f"out{batch}"], rec[f"out{batch}"])
+
+
+def _generic(net):
+    """The same network through the generic paths only (PyTorch's conv3d, the label encoder's
+    layers one after the other)."""
+    from medlsdm.models.layers import InPlaneConv3d
+
+    for m in net.modules():
+        if isinstance(m, InPlaneConv3d):
+            m.in_plane = False
+    net.label_encoder.fast = False
+    return net
+
+
+@pytest.mark.parametrize("factors", [(4, 4, 4), (1, 4, 4), (2, 4, 4), (4, 2, 1)])
+def test_fast_paths_equal_the_generic_paths_with_gradients(factors):
+    import copy
+
+    from medlsdm.models.denoisers import SemanticUNet
+
+    torch.manual_seed(0)
+    net = SemanticUNet(in_channels=4, num_classes=3, base_channels=8, channel_mult=(1, 2), attention_levels=(1,),
+                       label_channels=4, label_hidden=(8, 8, 16), label_downsample=factors, spade_hidden=8)
+    slow = _generic(copy.deepcopy(net))
+    shape = (2 * factors[0] + 1, 4 * factors[1], 4 * factors[2] - 1)          # padded inside
+    label = _blocky_label(shape, k=3, block=2)
+    latent = tuple(-(-s // f) for s, f in zip(shape, factors))
+    x, t = torch.randn(1, 4, *latent), torch.tensor([7])
+    outs = []
+    for model in (net, slow):
+        out = model(x, t, label)
+        out.square().mean().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(net.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    values = {"sha_diffusion": hashlib.sha256((DEMO / "diffusion.safetensors").read_bytes()).hexdigest()}
+    net = _demo_denoiser()
+    for b in (1, 2):
+        values.update(_step(net, b))
+    np.savez_compressed(sys.argv[1], **values)
+    print(f"{sys.argv[1]}: {len(values)} arrays")
