@@ -84,7 +84,9 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lik
     if getattr(like, "in_plane", False) and x.shape[0] == 1 and x.device.type == "cpu":
         padding = like.padding[1:] if like.padding != "same" else "same"
         slices = x[0].transpose(0, 1)                   # (D, C, H, W): the slices as a batch
-        y = F.conv2d(slices, weight[:, :, 0], bias, like.stride[1:], padding, like.dilation[1:], like.groups)
+        # squeeze, not weight[:, :, 0]: a view whose backward is a view too (indexing's backward
+        # writes the gradient into a zero-filled copy of the weight).
+        y = F.conv2d(slices, weight.squeeze(2), bias, like.stride[1:], padding, like.dilation[1:], like.groups)
         return y.transpose(0, 1).unsqueeze(0)
     return like._conv_forward(x, weight, bias)
 
