@@ -99,17 +99,20 @@ def _generic(net):
     return net
 
 
-@pytest.mark.parametrize("factors", [(4, 4, 4), (1, 4, 4), (2, 4, 4), (4, 2, 1)])
-def test_fast_paths_equal_the_generic_paths_with_gradients(factors):
+@pytest.mark.parametrize("factors,mult", [((4, 4, 4), (1, 2)), ((1, 4, 4), (1, 2)), ((2, 4, 4), (1, 2, 2)),
+                                          ((4, 2, 1), (1, 2, 2))])
+def test_fast_paths_equal_the_generic_paths_with_gradients(factors, mult):
+    """Latent planes of 4 x 4 (two levels) or 8 x 8 (three): the deepest level on 2 x 2 planes."""
     import copy
 
     from medlsdm.models.denoisers import SemanticUNet
 
     torch.manual_seed(0)
-    net = SemanticUNet(in_channels=4, num_classes=3, base_channels=8, channel_mult=(1, 2), attention_levels=(1,),
+    net = SemanticUNet(in_channels=4, num_classes=3, base_channels=8, channel_mult=mult, attention_levels=(1,),
                        label_channels=4, label_hidden=(8, 8, 16), label_downsample=factors, spade_hidden=8)
     slow = _generic(copy.deepcopy(net))
-    shape = (2 * factors[0] + 1, 4 * factors[1], 4 * factors[2] - 1)          # padded inside
+    plane = 2 ** (len(mult) + 0)
+    shape = (2 * factors[0] + 1, plane * factors[1], plane * factors[2] - 1)          # padded inside
     label = _blocky_label(shape, k=3, block=2)
     latent = tuple(-(-s // f) for s, f in zip(shape, factors))
     x, t = torch.randn(1, 4, *latent), torch.tensor([7])
@@ -121,6 +124,30 @@ def test_fast_paths_equal_the_generic_paths_with_gradients(factors):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for (name, a), b in zip(net.named_parameters(), slow.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kernel,stride,plane", [((1, 1, 1), (1, 1, 1), (3, 5)), ((1, 3, 3), (1, 1, 1), (2, 2)),
+                                                 ((1, 3, 3), (1, 2, 2), (2, 2)), ((1, 3, 3), (1, 1, 1), (1, 2)),
+                                                 ((1, 3, 3), (1, 2, 2), (4, 4))])
+def test_in_plane_convolution_equals_conv3d_with_gradients(kernel, stride, plane):
+    from medlsdm.models.layers import same_conv
+
+    torch.manual_seed(0)
+    fast = same_conv(6, 5, kernel, stride)
+    slow = same_conv(6, 5, kernel, stride)
+    slow.load_state_dict(fast.state_dict())
+    slow.in_plane = False
+    x = torch.randn(1, 6, 3, *plane)
+    grads = []
+    for conv in (fast, slow):
+        xx = x.clone().requires_grad_()
+        out = conv(xx)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        grads.append((out.detach(), xx.grad, conv.weight.grad, conv.bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():                               # the forward is the one of before, bit for bit
+        assert torch.equal(fast(x), grads[0][0])
 
 
 if __name__ == "__main__":
