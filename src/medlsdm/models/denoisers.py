@@ -391,15 +391,27 @@ class LatentUNet(nn.Module):
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
-        h = self._run(self.mid.blocks[0], h, emb, label_features)
+        sized: dict = {}
+
+        def label_at(shape) -> torch.Tensor | None:
+            """The label features nearest-resized to a level's size, once per level (the SPADE
+            norms would each resize them; the same values)."""
+            key = tuple(shape)
+            if label_features is None or label_features.shape[2:] == key:
+                return label_features
+            if key not in sized:
+                sized[key] = F.interpolate(label_features, size=key, mode="nearest")
+            return sized[key]
+
+        h = self._run(self.mid.blocks[0], h, emb, label_at(h.shape[2:]))
         h = self._run(self.mid.attns[0], h)
-        h = self._run(self.mid.blocks[1], h, emb, label_features)
+        h = self._run(self.mid.blocks[1], h, emb, label_at(h.shape[2:]))
         for level in self.up:
             for blk, attn in zip(level.blocks, level.attns):
-                h = self._run(attn, self._run(blk, torch.cat([h, skips.pop()], dim=1), emb, label_features))
+                h = self._run(attn, self._run(blk, torch.cat([h, skips.pop()], dim=1), emb, label_at(h.shape[2:])))
             if level.resample is not None:
                 h = level.resample(h)
-        h = self.conv_out(F.silu(apply_norm(self.norm_out, h, label_features)))
+        h = self.conv_out(F.silu(apply_norm(self.norm_out, h, label_at(h.shape[2:]))))
         return h[:, :, : size[0], : size[1], : size[2]]
 
 
