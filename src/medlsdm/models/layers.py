@@ -177,7 +177,7 @@ class LabelFeatures(nn.Module):
 
     def forward(self, label: torch.Tensor) -> torch.Tensor:
         h = self.conv(label)
-        if h._is_view():
+        if torch.compiler.is_compiling() or h._is_view():   # (compiled: functional anyway; no graph break)
             # The in-plane path returns a transposed view; an in-place op on a view makes autograd
             # copy and zero whole tensors in the backward pass (CopySlices): ~17 % of a SPADE step.
             return F.leaky_relu(h, self.negative_slope) if self.negative_slope else F.relu(h)
