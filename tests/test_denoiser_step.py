@@ -10,6 +10,9 @@ Recorded (once, with the older tree on PYTHONPATH):
 """
 
 import hashlib
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -158,3 +161,18 @@ if __name__ == "__main__":
         values.update(_step(net, b))
     np.savez_compressed(sys.argv[1], **values)
     print(f"{sys.argv[1]}: {len(values)} arrays")
+
+
+def test_keep_freed_memory_is_the_stage2_default_and_allocation_still_works():
+    from medlsdm.training.diffusion import _defaults
+
+    assert _defaults()["trainer"]["keep_freed_memory"] is True
+    code = ("import torch; from medlsdm.training.allocator import keep_freed_memory as k; ok = k(); "
+            "x = [torch.ones(2 ** 24) for _ in range(3)]; del x; y = torch.zeros(2 ** 25); "
+            "print(ok, float(y.sum()))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    ok, total = out.stdout.split()
+    assert total == "0.0"
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert ok == "True"
