@@ -13,8 +13,8 @@ label map. Reported per measurement: median wall and own-CPU seconds (``time.pro
 the robust figure on a shared machine) over the timed steps after one warm-up step, and the
 process's peak resident memory (``ru_maxrss``, includes ~0.5 GB of Python/torch).
 
-    # before = the code of commit d8b91bc
-    mkdir -p "$BEFORE" && git archive d8b91bc src | tar -x -C "$BEFORE"
+    # before = the code of an older commit, e.g. 5f4b235 (a worktree or an unpacked archive)
+    git worktree add "$BEFORE" 5f4b235      # or: mkdir -p "$BEFORE" && git archive 5f4b235 src | tar -x -C "$BEFORE"
     python benchmarks/bench_speed.py --before "$BEFORE"/src --steps 5 --threads 1
     python benchmarks/bench_speed.py --before "$BEFORE"/src --profile      # top ops by self time
     python benchmarks/bench_speed.py --flops                                # FLOP/s vs conv3d peak
@@ -54,8 +54,13 @@ AE_SETTINGS = {
     "default": {"model": {}, "loss": {"disc_start": 0}},
     "demo": {"model": {"num_codes": 1024, "spade_hidden": 32}, "loss": {"disc_start": 100000}},
 }
-# Denoiser settings: presets (lsdm = the reference's architecture: base 64, 1/2/4/8, SPADE 128).
-DENOISER_SETTINGS = {"lsdm": "lsdm", "demo": "demo"}
+# Denoiser settings: (preset, trainer overrides). lsdm = the reference's architecture (base 64,
+# 1/2/4/8, SPADE 128), with the tree's trainer defaults (as `medlsdm train diffusion`: where the
+# tree has trainer.keep_freed_memory, on by default, the worker applies it as training does);
+# "+mmap": without keep_freed_memory (the code's gain alone); "+compile": trainer.compile
+# (torch.compile of the denoiser; compilation falls in the untimed warm-up step).
+DENOISER_SETTINGS = {"lsdm": ("lsdm", {}), "lsdm+mmap": ("lsdm", {"keep_freed_memory": False}),
+                     "lsdm+compile": ("lsdm", {"compile": True}), "demo": ("demo", {})}
 
 
 def _parse_size(text: str) -> tuple[int, int, int]:
@@ -176,7 +181,14 @@ def _denoiser_step(setting: str, size):
     from medlsdm.diffusion.objective import diffusion_loss
     from medlsdm.training.diffusion import DiffusionModule, _defaults
 
-    cfg = merge(_defaults(), copy.deepcopy(load_preset(DENOISER_SETTINGS[setting])["diffusion"]))
+    preset, over = DENOISER_SETTINGS[setting]
+    cfg = merge(_defaults(), copy.deepcopy(load_preset(preset)["diffusion"]))
+    dropped = sorted(k for k in over if k not in cfg["trainer"])
+    cfg["trainer"].update({k: v for k, v in over.items() if k in cfg["trainer"]})
+    if cfg["trainer"].get("keep_freed_memory"):  # as train_diffusion does
+        from medlsdm.training.allocator import keep_freed_memory
+
+        keep_freed_memory()
     scaler = {"mode": "std", "mean": [0.0] * 8, "std": [1.0] * 8, "bound": 5.0}
     module = DiffusionModule(cfg, in_channels=8, label_table=TABLE, latent_downsample=[4, 4, 4],
                              scaler_state=scaler)
@@ -196,7 +208,7 @@ def _denoiser_step(setting: str, size):
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
 
-    return step, sum(p.numel() for p in net.parameters()), []
+    return step, sum(p.numel() for p in net.parameters()), dropped
 
 
 def _worker(job: dict) -> dict:

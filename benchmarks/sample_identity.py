@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 
 torch.set_num_threads(1)
-from medlsdm.generate import load_model, synthesize  # noqa: E402
+from medlsdm.inference import load_model, synthesize  # noqa: E402
 
 model = load_model(Path(__file__).resolve().parents[1] / "src" / "medlsdm" / "weights" / "demo")
 field = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((64, 64, 64)), 4)

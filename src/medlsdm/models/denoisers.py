@@ -221,12 +221,67 @@ class LabelEncoder(nn.Module):
                 layers += [same_conv(widths[j], widths[j + 1], kernel, bias=False), nn.ReLU()]
         layers.append(same_conv(widths[pools - 1] if pools else widths[0], out_channels, kernel, bias=False))
         self.layers = nn.Sequential(*layers)
+        # Batch 1 on the CPU: run in slice layout (below). False: the layers one after the other.
+        self.fast = True
 
     def output_shape(self, label_shape: Sequence[int]) -> tuple[int, int, int]:
         return tuple(math.ceil(int(s) / f) for s, f in zip(tuple(label_shape)[-3:], self.factors))
 
     def forward(self, label: torch.Tensor) -> torch.Tensor:
-        return self.layers(_pad_to_multiple(label, self.factors))
+        label = _pad_to_multiple(label, self.factors)
+        if self.fast and label.shape[0] == 1 and label.device.type == "cpu" and self._slice_layout_ok():
+            return self._forward_slices(label)
+        return self.layers(label)
+
+    def _slice_layout_ok(self) -> bool:
+        return all(m.in_plane for m in self.layers if isinstance(m, InPlaneConv3d)) and all(
+            m.padding == 0 and m.dilation == 1 and not m.ceil_mode and (m.stride == m.kernel_size or m.stride is None)
+            for m in self.layers if isinstance(m, nn.MaxPool3d))
+
+    def _forward_slices(self, label: torch.Tensor) -> torch.Tensor:
+        """The same values as ``self.layers(label)`` for one sample, computed with the slices as
+        the batch (D, C, H, W) from the first layer to the last: the in-plane convolutions run
+        as conv2d without transposing copies in between, a max-pool is an in-plane max-pool
+        and a max over slice pairs, and ReLU runs after the pool (max(ReLU) = ReLU(max), on an
+        eighth of the values). Gradients go to the same elements (the first maximum of each
+        window, as PyTorch's max-pool), so they equal the layer-by-layer ones up to rounding."""
+        h = label[0].transpose(0, 1).contiguous()
+        layers = list(self.layers)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, InPlaneConv3d):
+                h = F.conv2d(h, layer.weight.squeeze(2), layer.bias, layer.stride[1:], layer.padding[1:],
+                             layer.dilation[1:], layer.groups)
+            elif isinstance(layer, nn.ReLU) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.MaxPool3d):
+                h = F.relu_(_max_pool_slices(h, layers[i + 1].kernel_size))
+                i += 1
+            elif isinstance(layer, nn.ReLU):
+                h = F.relu(h)
+            elif isinstance(layer, nn.MaxPool3d):
+                h = _max_pool_slices(h, layer.kernel_size)
+            else:
+                raise TypeError(f"no slice-layout path for {type(layer).__name__}")
+            i += 1
+        return h.transpose(0, 1).unsqueeze(0)
+
+
+def _max_pool_slices(h: torch.Tensor, kernel) -> torch.Tensor:
+    """``max_pool3d(kernel)`` (stride = kernel) of slices stacked as a batch (D, C, H, W): an
+    in-plane max-pool, then the maximum over each group of kd consecutive slices, the earlier
+    slice winning ties (PyTorch's max-pool takes the first maximum in (d, h, w) order, so the
+    gradient reaches the same element)."""
+    kd, kh, kw = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
+    if (kh, kw) != (1, 1):
+        h = F.max_pool2d(h, (kh, kw))
+    if kd > 1:
+        h = h[: h.shape[0] // kd * kd]
+        best = h[0::kd]
+        for j in range(1, kd):
+            other = h[j::kd]
+            best = torch.where(other > best, other, best)
+        h = best
+    return h
 
 
 # --- the Med-LSDM / medicaldiffusion U-Net ------------------------------------------------------
@@ -336,15 +391,27 @@ class LatentUNet(nn.Module):
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
-        h = self._run(self.mid.blocks[0], h, emb, label_features)
+        sized: dict = {}
+
+        def label_at(shape) -> torch.Tensor | None:
+            """The label features nearest-resized to a level's size, once per level (the SPADE
+            norms would each resize them; the same values)."""
+            key = tuple(shape)
+            if label_features is None or label_features.shape[2:] == key:
+                return label_features
+            if key not in sized:
+                sized[key] = F.interpolate(label_features, size=key, mode="nearest")
+            return sized[key]
+
+        h = self._run(self.mid.blocks[0], h, emb, label_at(h.shape[2:]))
         h = self._run(self.mid.attns[0], h)
-        h = self._run(self.mid.blocks[1], h, emb, label_features)
+        h = self._run(self.mid.blocks[1], h, emb, label_at(h.shape[2:]))
         for level in self.up:
             for blk, attn in zip(level.blocks, level.attns):
-                h = self._run(attn, self._run(blk, torch.cat([h, skips.pop()], dim=1), emb, label_features))
+                h = self._run(attn, self._run(blk, torch.cat([h, skips.pop()], dim=1), emb, label_at(h.shape[2:])))
             if level.resample is not None:
                 h = level.resample(h)
-        h = self.conv_out(F.silu(apply_norm(self.norm_out, h, label_features)))
+        h = self.conv_out(F.silu(apply_norm(self.norm_out, h, label_at(h.shape[2:]))))
         return h[:, :, : size[0], : size[1], : size[2]]
 
 

@@ -83,10 +83,67 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lik
     along the output channels), through the in-plane fast path where ``like`` allows it."""
     if getattr(like, "in_plane", False) and x.shape[0] == 1 and x.device.type == "cpu":
         padding = like.padding[1:] if like.padding != "same" else "same"
+        if _matmul_backward_wanted(x, weight, bias, like):
+            return _SlicesConv.apply(x, weight, bias, like.stride[1:], padding, like.dilation[1:])
         slices = x[0].transpose(0, 1)                   # (D, C, H, W): the slices as a batch
-        y = F.conv2d(slices, weight[:, :, 0], bias, like.stride[1:], padding, like.dilation[1:], like.groups)
+        # squeeze, not weight[:, :, 0]: a view whose backward is a view too (indexing's backward
+        # writes the gradient into a zero-filled copy of the weight).
+        y = F.conv2d(slices, weight.squeeze(2), bias, like.stride[1:], padding, like.dilation[1:], like.groups)
         return y.transpose(0, 1).unsqueeze(0)
     return like._conv_forward(x, weight, bias)
+
+
+def _matmul_backward_wanted(x, weight, bias, like) -> bool:
+    """1x1x1 kernels, or planes of at most 4 voxels (the deepest U-Net levels of small latents),
+    where oneDNN's and PyTorch's conv2d backward are 2-10x slower than two matrix products."""
+    pointwise = weight.shape[2:] == (1, 1, 1) and tuple(like.stride) == (1, 1, 1)
+    return ((pointwise or x.shape[3] * x.shape[4] <= 4) and like.groups == 1 and like.padding != "same"
+            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and x.dtype == weight.dtype
+            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+class _SlicesConv(torch.autograd.Function):
+    """An in-plane convolution at batch 1: the forward of the in-plane path (conv2d over the
+    slices, the same values), the backward as two matrix products over all slices at once
+    (im2col; for 1x1 kernels the input itself). PyTorch's conv2d backward runs one small
+    product per slice for 1x1 kernels, and oneDNN's is slow on 2x2 planes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.conv = bias is not None, (stride, padding, dilation)
+        y = F.conv2d(x[0].transpose(0, 1), weight.squeeze(2), bias, stride, padding, dilation)
+        return y.transpose(0, 1).unsqueeze(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        cin, depth, height, width = x.shape[1:]
+        cout, kernel = weight.shape[0], weight.shape[3:]
+        pointwise = kernel == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+        if pointwise:
+            cols = x[0].reshape(cin, -1)                                    # (C_in, voxels)
+            g = grad[0].reshape(cout, -1)                                   # (C_out, voxels)
+        else:
+            cols = F.unfold(x[0].transpose(0, 1), kernel, dilation, padding, stride)   # (D, C_in k k, L)
+            cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+            g = grad[0].reshape(cout, -1)                                   # (C_out, D L), D major
+        w = weight.reshape(cout, -1)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gc = w.t() @ g
+            if pointwise:
+                gx = gc.reshape(x.shape)
+            else:
+                gc = gc.reshape(gc.shape[0], depth, -1).transpose(0, 1)
+                gx = F.fold(gc, (height, width), kernel, dilation, padding, stride).transpose(0, 1).unsqueeze(0)
+        if ctx.needs_input_grad[1]:
+            gw = (g @ cols.t()).reshape(weight.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(1)
+        return gx, gw, gb, None, None, None
 
 
 def same_conv(cin: int, cout: int, kernel, stride: Sequence[int] = (1, 1, 1), bias: bool = True) -> InPlaneConv3d:
@@ -120,7 +177,7 @@ class LabelFeatures(nn.Module):
 
     def forward(self, label: torch.Tensor) -> torch.Tensor:
         h = self.conv(label)
-        if h._is_view():
+        if torch.compiler.is_compiling() or h._is_view():   # (compiled: functional anyway; no graph break)
             # The in-plane path returns a transposed view; an in-place op on a view makes autograd
             # copy and zero whole tensors in the backward pass (CopySlices): ~17 % of a SPADE step.
             return F.leaky_relu(h, self.negative_slope) if self.negative_slope else F.relu(h)

@@ -59,7 +59,9 @@ def _defaults() -> dict:
         "ema": {"decay": 0.995, "every_n_steps": 10, "start_step": 2000},
         "optim": {"lr": 1e-5, "weight_decay": 0.0},
         "data": {"flip": True},
-        "trainer": {**TRAINER_DEFAULTS, "gradient_clip": 1.0, "compile": None},   # compile: torch.compile the denoiser
+        # compile: torch.compile the denoiser; keep_freed_memory: malloc keeps freed blocks for the
+        # next step instead of unmapping them (Linux/glibc; training/allocator.py)
+        "trainer": {**TRAINER_DEFAULTS, "gradient_clip": 1.0, "compile": None, "keep_freed_memory": True},
     }
 
 
@@ -216,6 +218,10 @@ def train_diffusion(data: str | Path, out: str | Path, autoencoder: str | Path |
 
     cfg = stage_config(_defaults(), config, overrides, section="diffusion")
     _check_config(cfg, autoencoder)
+    if cfg["trainer"]["keep_freed_memory"]:
+        from medlsdm.training.allocator import keep_freed_memory
+
+        keep_freed_memory()
     manifest = load_manifest(data)
     tcfg = cfg["trainer"]
     preview = preview_case(data)
