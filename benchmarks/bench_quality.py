@@ -18,7 +18,7 @@ And a figure: the first held-out map's N samples for each variant next to N real
     medlsdm demo-data --out COHORT
     python benchmarks/bench_quality.py --cohort COHORT --out OUT --weights ../shared/weights \\
         --variant shipped=src/medlsdm/weights/demo --variant shipped-eta1=src/medlsdm/weights/demo,eta=1 \\
-        --variant new=RUN_DIR --variant new-requantize=RUN_DIR,requantize=1
+        --variant new=RUN_DIR --variant new-requantize=RUN_DIR,requantize=1,appearance=none
 """
 
 from __future__ import annotations
@@ -46,15 +46,17 @@ WHITE, GREY = 3, 2   # the demo cohort's label table
 def parse_variant(text: str) -> tuple[str, Path, dict]:
     name, _, rest = text.partition("=")
     path, *options = rest.split(",")
-    opts = {"eta": 0.0, "requantize": None}
+    opts = {"eta": 0.0, "requantize": None, "appearance": "auto"}
     for option in options:
         key, _, value = option.partition("=")
         if key == "eta":
             opts["eta"] = float(value)
         elif key == "requantize":
             opts["requantize"] = value in ("1", "true", "on")
+        elif key == "appearance":
+            opts["appearance"] = value
         else:
-            raise SystemExit(f"--variant {text!r}: unknown option {key!r} (eta=, requantize=)")
+            raise SystemExit(f"--variant {text!r}: unknown option {key!r} (eta=, requantize=, appearance=)")
     return name, Path(path), opts
 
 
@@ -182,7 +184,7 @@ def main() -> None:
         samples = out / name / "samples"
         start = time.process_time()
         sample_to_files(model, cohort / "labelsTs", samples, n=args.n, eta=opts["eta"], seed=args.seed,
-                        progress=False, overwrite=True)
+                        progress=False, overwrite=True, appearance=opts["appearance"])
         cpu = (time.process_time() - start) / (args.n * len(test_files))
         log(f"{name}: sampled, {cpu:.1f} s own CPU per volume")
         quality = evaluate_quality(cohort / "imagesTs", samples, out / name / "quality", labels=cohort / "labelsTs",

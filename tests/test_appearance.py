@@ -84,6 +84,20 @@ def test_appearance_is_seeded_and_noise_already_there_counts():
         appearance_statistics(noisy, label, 2, 4)["noise"], rel=0.05)
 
 
+def test_ct_gets_noise_only():
+    """Calibrated intensities (CT): no gamma, no bias field — only the noise level changes."""
+    label, grid = _phantom()
+    profile = appearance_profile([_scan(label, grid, np.random.default_rng(0), 0.03, 1.3, 0.2)], [label], "ct")
+    clean = _scan(label, grid, np.random.default_rng(1), 1e-4, 1.0, 0.0)
+    out = apply_appearance(clean, label, profile, profile["channels"][0][0], np.random.default_rng(2))
+    before, after = appearance_statistics(clean, label, 2, 4), appearance_statistics(out, label, 2, 4)
+    assert after["noise"] > 10 * before["noise"] and after["bias"] < 0.02
+    # the tissues keep their values (the contrast statistic moves a little only because noise
+    # widens the percentile range it is measured on)
+    for c in (2, 4):
+        assert np.median(out[label == c]) == pytest.approx(np.median(clean[label == c]), abs=0.02)
+
+
 def test_profile_skips_cases_without_the_tissues_and_refuses_when_none_has_them():
     label, grid = _phantom()
     tiny = np.zeros_like(label)
@@ -125,6 +139,12 @@ def test_synthesis_applies_a_drawn_appearance_per_sample(tmp_path):
     assert appearance_targets(Model(), 2, 3) == appearance_targets(Model(), 2, 3)
     with pytest.raises(MedlsdmError, match="needs noise, contrast, bias"):
         appearance_targets(Model(), 1, 0, {"noise": 0.1})
+    with pytest.raises(MedlsdmError, match="unknown foo"):
+        appearance_targets(Model(), 1, 0, {"noise": 0.1, "contrast": 0.1, "bias": 0.1, "foo": 1})
+    for bad in ({"noise": -0.05, "contrast": 0.1, "bias": 0.1}, {"noise": 0.05, "contrast": float("nan"), "bias": 0.1},
+                {"noise": 0.05, "contrast": 1.5, "bias": 0.1}, {"noise": 0.05, "contrast": 0.1, "bias": -0.2}):
+        with pytest.raises(MedlsdmError, match="out of range"):
+            appearance_targets(Model(), 1, 0, bad)
     # a map with too little of the tissues: "auto" leaves it as it is and says why; chosen values fail
     small = np.where(label == 4, 2, label)
     kept, applied, note = with_appearance(Model(), volumes[:1], small, seed=0)

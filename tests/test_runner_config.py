@@ -22,3 +22,13 @@ def test_resumable_trainer_settings_may_change():
     new = {"trainer": {"max_steps": 500, "max_minutes": 30, "batch_size": 2}}
     assert _diff_configs(old, new) == []
     assert _diff_configs(old, {"trainer": {**new["trainer"], "batch_size": 4}}) == ["trainer.batch_size: 2 -> 4"]
+
+
+def test_a_run_saved_before_model_upsample_resumes_as_transposed():
+    """Runs saved before `model.upsample` existed have transposed-convolution decoders: the new
+    default (interpolate) is refused with the setting that resumes them, which is accepted."""
+    old = {"model": {"channels": [16, 32], "decoder": "spade"}}
+    refused = _diff_configs(old, {"model": {"channels": [16, 32], "decoder": "spade", "upsample": "interpolate"}})
+    assert refused == ["model.upsample: absent (= 'transposed') -> 'interpolate', resume with --set "
+                       "model.upsample=transposed"]
+    assert _diff_configs(old, {"model": {"channels": [16, 32], "decoder": "spade", "upsample": "transposed"}}) == []

@@ -9,8 +9,8 @@ pairwise MS-SSIM 0.99 on the demo cohort, real subjects 0.86) with no noise and 
 Here each synthetic volume takes the appearance of a training scan drawn at random (seeded), or
 one the user chooses: the contrast is matched with a gamma, a smooth field and noise are added
 until the volume's own statistics reach the target's (independent components add in quadrature,
-so what the model already produced counts). Rician noise for MR magnitude images, Gaussian for
-other modalities.
+so what the model already produced counts). MR magnitude images get all three, with Rician
+noise; other modalities (CT: calibrated Hounsfield units) only Gaussian noise.
 
 All statistics are computed on the brain's (label map > 0) 1st / 99th intensity percentiles
 mapped to [0, 1], so gain and offset, which preparation normalises away, do not count.
@@ -30,6 +30,8 @@ __all__ = ["APPEARANCE_STATISTICS", "appearance_statistics", "tissue_pair", "app
 APPEARANCE_STATISTICS = ("noise", "contrast", "bias")
 MIN_VOXELS = 50
 MAX_PROFILE_CASES = 512   # per-case targets kept in a sidecar
+FIELD_LIMIT = 4.0         # bias log-field clipped at this many of its SDs (inside the tissue)
+MAX_LOG_BIAS = 1.0        # largest SD of the added log-field
 
 
 def _unit_range(image: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -52,11 +54,19 @@ def _robust_sd(values: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(values - np.median(values))))
 
 
-def _quadratic_design(mask: np.ndarray) -> np.ndarray:
-    coords = np.argwhere(mask).astype(np.float64)
-    coords = (coords - coords.mean(0)) / np.maximum(coords.std(0), 1.0)
-    d, h, w = coords.T
-    return np.stack([np.ones_like(d), d, h, w, d * d, h * h, w * w, d * h, d * w, h * w], axis=1)
+def _quadratic_terms(mask: np.ndarray, shape=None) -> np.ndarray:
+    """The 9 non-constant quadratic monomials of the voxel coordinates, standardised on the voxels
+    of ``mask``: for those voxels, or (``shape`` given) for every voxel of the volume."""
+    inside = np.argwhere(mask).astype(np.float64)
+    centre, spread = inside.mean(0), np.maximum(inside.std(0), 1.0)
+    grid = inside if shape is None else np.indices(shape).reshape(3, -1).T.astype(np.float64)
+    d, h, w = ((grid - centre) / spread).T
+    return np.stack([d, h, w, d * d, h * h, w * w, d * h, d * w, h * w], axis=1)
+
+
+def _contrast(u: np.ndarray, region: np.ndarray, other: np.ndarray) -> float:
+    a, b = float(np.median(u[region])), float(np.median(u[other]))
+    return (a - b) / (a + b) if a + b > 0 else float("nan")
 
 
 def _regions(label: np.ndarray, tissue: int, other: int, erosion: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,12 +83,15 @@ def _regions(label: np.ndarray, tissue: int, other: int, erosion: int) -> tuple[
 
 def _statistics(x: np.ndarray, region, core, other) -> dict[str, float]:
     noise = _robust_sd(_six_neighbour_residual(x)[core])
-    a, b = float(np.median(x[region])), float(np.median(x[other]))
-    contrast = (a - b) / (a + b) if a + b > 0 else float("nan")
-    design = _quadratic_design(core)
+    terms = _quadratic_terms(core)
+    design = np.concatenate([np.ones((len(terms), 1)), terms], axis=1)
     values = np.log(np.clip(x[core], 1e-3, None))
     fitted = design @ np.linalg.lstsq(design, values, rcond=None)[0]
-    return {"noise": noise, "contrast": float(contrast), "bias": float(fitted.std())}
+    return {"noise": noise, "contrast": _contrast(x, region, other), "bias": float(fitted.std())}
+
+
+def _statistics_of(x: np.ndarray, brain, region, core, other) -> dict[str, float]:
+    return _statistics(_unit_range(x, brain)[0], region, core, other)
 
 
 def appearance_statistics(image, label, tissue: int, other: int, erosion: int = 1) -> dict[str, float]:
@@ -156,9 +169,7 @@ def choose_target(profile: Mapping, channel: int, rng: np.random.Generator) -> d
 
 
 def _measured_contrast(v: np.ndarray, brain, region, other) -> float:
-    u = _unit_range(v, brain)[0]
-    a, b = float(np.median(u[region])), float(np.median(u[other]))
-    return (a - b) / (a + b) if a + b > 0 else float("nan")
+    return _contrast(_unit_range(v, brain)[0], region, other)
 
 
 def _solve_gamma(contrast_of, target: float) -> float:
@@ -184,14 +195,12 @@ def _solve_gamma(contrast_of, target: float) -> float:
 
 def _smooth_log_field(shape, core: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random quadratic polynomial of the voxel coordinates, zero mean and unit SD inside ``core``."""
-    grid = np.indices(shape).reshape(3, -1).T.astype(np.float64)
+    field = _quadratic_terms(core, shape) @ rng.normal(size=9)
     inside = core.reshape(-1)
-    centre, spread = grid[inside].mean(0), np.maximum(grid[inside].std(0), 1.0)
-    d, h, w = ((grid - centre) / spread).T
-    terms = np.stack([d, h, w, d * d, h * h, w * w, d * h, d * w, h * w], axis=1)
-    field = terms @ rng.normal(size=terms.shape[1])
     field = (field - field[inside].mean()) / max(float(field[inside].std()), 1e-12)
-    return field.reshape(shape)
+    # A quadratic grows without bound away from the tissue it was scaled on: held at 4 SD, so the
+    # background and the volume's corners get no runaway gain.
+    return np.clip(field, -FIELD_LIMIT, FIELD_LIMIT).reshape(shape)
 
 
 def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, target: Mapping[str, float],
@@ -203,7 +212,8 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     a random smooth field and noise drawn once from ``rng``, and gamma, b and the noise level set so
     that the result's own statistics reach the target's (the decoder's own noise and bias count:
     independent parts add in quadrature). The three interact through the percentile range the
-    statistics are measured on, so they are refined ``iterations`` times. Clipped to ``value_range``."""
+    statistics are measured on, so they are refined ``iterations`` times. Clipped to ``value_range``.
+    Without a Rician noise model (CT, other calibrated intensities) only Gaussian noise is added."""
     x = np.asarray(image, dtype=np.float64)
     label = np.asarray(label)
     brain = label > 0
@@ -214,16 +224,21 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     v = np.clip((x - zero) / max(top - zero, 1e-12), 0.0, None)   # signal, 0 = none
     field = _smooth_log_field(v.shape, core, rng)
     n1, n2 = rng.normal(size=v.shape), rng.normal(size=v.shape)
-    rician = profile.get("noise_model") == "rician"
+    if profile.get("noise_model") != "rician":
+        # CT and other calibrated intensities: a gamma or a bias field would change what the
+        # values mean (Hounsfield units); only the noise level is an acquisition property there.
+        own = _statistics_of(x, brain, region, core, other)
+        sigma = float(np.sqrt(max(float(target["noise"]) ** 2 - own["noise"] ** 2, 0.0))) * scale
+        return np.clip(x + sigma * n1, *value_range).astype(np.float32)
 
     def build(g: float, b: float, sigma: float) -> np.ndarray:
         w = v**g * np.exp(b * field) if b > 0 else v**g
         if sigma > 0:
-            w = np.sqrt((w + sigma * n1) ** 2 + (sigma * n2) ** 2) if rician else w + sigma * n1
+            w = np.sqrt((w + sigma * n1) ** 2 + (sigma * n2) ** 2)   # Rician: a magnitude image
         return w
 
     def stats(w: np.ndarray) -> dict[str, float]:
-        return _statistics(_unit_range(w, brain)[0], region, core, other)
+        return _statistics_of(w, brain, region, core, other)
 
     g, b, sigma = 1.0, 0.0, 0.0
     for _ in range(iterations):
@@ -235,7 +250,7 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
             # The measured bias grows about linearly with b (percentile scaling changes the slope):
             # one secant step from b = want.
             got = float(np.sqrt(max(stats(build(g, want, 0.0))["bias"] ** 2 - own**2, 1e-12)))
-            b = want * want / got
+            b = min(want * want / got, MAX_LOG_BIAS)
         else:
             b = 0.0
         clean = build(g, b, 0.0)

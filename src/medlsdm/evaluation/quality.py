@@ -460,20 +460,37 @@ def _appearance(real_files, groups: dict, skipped: dict) -> dict | None:
         return None
     try:
         tissue, other = tissue_pair([label for _, label in real])
-        real_stats = [appearance_statistics(image, label, tissue, other) for image, label in real]
-        synthetic = [[appearance_statistics(v, load_label(path)[0], tissue, other) for v in volumes]
-                     for path, volumes in groups.values()]
     except DataError as exc:
         skipped["appearance"] = str(exc)
+        return None
+    left_out = []
+
+    def measured(pairs):
+        out = []
+        for image, label, name in pairs:
+            try:
+                out.append(appearance_statistics(image, label, tissue, other))
+            except DataError:   # too little of one tissue in this volume's map
+                left_out.append(name)
+        return out
+
+    real_stats = measured((image, label, "real") for image, label in real)
+    synthetic = [measured((v, load_label(path)[0], str(path.name)) for v in volumes) for path, volumes in groups.values()]
+    synthetic = [group for group in synthetic if len(group) >= 2]
+    if len(real_stats) < 2 or not synthetic:
+        skipped["appearance"] = (f"too few volumes with at least {50} voxels of classes {tissue} and {other} "
+                                 f"({len(real_stats)} real, {len(synthetic)} label maps with 2 or more samples)")
         return None
     real_spread, syn_spread = appearance_spread([real_stats]), appearance_spread(synthetic)
     return {"tissue": tissue, "other": other, "real_spread": real_spread, "synthetic_spread_within_map": syn_spread,
             "ratio": {k: syn_spread[k] / real_spread[k] if real_spread[k] > 0 else math.nan for k in real_spread},
             "real_mean": {k: float(np.mean([r[k] for r in real_stats])) for k in real_spread},
             "synthetic_mean": {k: float(np.mean([r[k] for g in synthetic for r in g])) for k in real_spread},
-            "note": f"noise and bias measured in class {tissue}, contrast of class {tissue} against {other} "
-                    "(the two largest foreground classes of the real label maps); spread = SD over the samples "
-                    "of one map (mean over maps) and over the real volumes"}
+            "volumes_left_out": len(left_out),
+            "note": f"noise and bias measured in class {tissue} (the thickest foreground class of the real label "
+                    f"maps), contrast of class {tissue} against {other} (the largest other one); spread = SD over "
+                    "the samples of one map (mean over maps) and over the real volumes; volumes whose map has too "
+                    "little of either class are left out"}
 
 
 def _distribution(real_files, syn_files, ranges, names, explicit, skipped, out_dir, inception,

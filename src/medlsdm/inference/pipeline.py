@@ -141,6 +141,9 @@ def sample_to_files(model_dir: str | Path, labels: str | Path | None, out: str |
         jobs = [LabelMapJob(case_id="sample", source=Path(), label=None,
                             record=unconditional_record(model, shape))]
     tile_shape = model.card.shape if tile else None
+    if not model.conditional and appearance not in ("auto", "none"):
+        raise MedlsdmError("--appearance: an unconditional model has no label map to find the tissues in; "
+                           "use auto or none")
     appearance_targets(model, 1, seed, appearance if model.conditional else "none")   # bad settings fail here
     inputs = [p for p in (labels, model_dir) if p is not None]
     with owned_output(out, "sample", inputs=inputs, overwrite=overwrite) as out:
@@ -159,11 +162,14 @@ def _generate(model: SynthesisModel, jobs: list[LabelMapJob], out: Path, model_d
 
     base = synthetic_provenance(model_dir, sampler, steps, guidance, seed=seed, label_path=None)   # hashes once
     written: list[Path] = []
+    described = appearance if isinstance(appearance, str) else dict(appearance)
     if not model.conditional:
-        appearance = "none"
+        appearance, described = "none", "none (unconditional model)"
+    elif appearance == "auto" and model.sidecar.get("appearance") is None:
+        described = "none (the model has no appearance profile: trained before profiles were recorded)"
+        log.info("appearance: %s", described)
     report = {"model": Path(model_dir).name, "sampler": sampler, "steps": steps, "guidance": guidance, "eta": eta,
-              "seed": int(seed), "appearance": appearance if isinstance(appearance, str) else dict(appearance),
-              "label_maps": []}
+              "seed": int(seed), "appearance": described, "label_maps": []}
     bar = tqdm(total=len(jobs) * n, desc="generating", unit="volume", disable=not progress)
     for job in jobs:
         image_shape = job.grid_shape

@@ -126,11 +126,12 @@ def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, samp
                steps: int | None = 50, guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
                image_shape: Sequence[int] | None = None, callback: Callable | None = None,
                progress: bool = True, clip_x0: float | None = None, tile: Sequence[int] | None = None,
-               appearance: str | Mapping = "auto") -> torch.Tensor:
+               appearance: str | Mapping = "none") -> torch.Tensor:
     """`n` volumes (n, C, D, H, W) in [-1, 1] on the prepared grid, for one prepared label map
     (D, H, W) (None for unconditional models, which then need `image_shape`); `clip_x0`: see
     `x0_clip`; `tile` (image voxels, D, H, W): denoise in overlapping tiles of that size;
-    `appearance`: see `appearance_targets`."""
+    `appearance`: see `appearance_targets` ("none" here: the decoder's output; `medlsdm sample`
+    passes "auto")."""
     from medlsdm.diffusion.samplers import sample
 
     dcfg = model.sidecar["diffusion"]
@@ -163,7 +164,9 @@ def synthesize(model: SynthesisModel, label: np.ndarray | None, n: int = 1, samp
 
 def appearance_targets(model: SynthesisModel, n: int, seed: int, appearance: str | Mapping = "auto"
                        ) -> list[list[dict]] | None:
-    """The appearance each of `n` samples drawn with `seed` gets, per channel, or None:
+    """The appearance each of `n` samples drawn with `seed` gets, per channel, or None. The values
+    are statistics of the sample on the model's grid (before it is written back on the label
+    map's own grid, whose interpolation changes the noise a little):
 
     * "auto": a training scan's appearance drawn at random (seeded, per sample) when the model's
       sidecar has an appearance profile, else none; "sample": the same, an error without a profile;
@@ -174,9 +177,7 @@ def appearance_targets(model: SynthesisModel, n: int, seed: int, appearance: str
 
     profile = model.sidecar.get("appearance")
     if isinstance(appearance, Mapping):
-        missing = [k for k in APPEARANCE_STATISTICS if k not in appearance]
-        if missing:
-            raise MedlsdmError(f"--appearance needs {', '.join(APPEARANCE_STATISTICS)} (missing {', '.join(missing)})")
+        check_appearance_values(appearance)
         if profile is None:
             raise MedlsdmError("this model has no appearance profile (trained before appearance profiles existed, "
                                "or unconditional): --appearance must be 'none'")
@@ -191,6 +192,23 @@ def appearance_targets(model: SynthesisModel, n: int, seed: int, appearance: str
                            "or unconditional): use --appearance none")
     return [[choose_target(profile, c, np.random.default_rng([int(seed), i, 0]))
              for c in range(len(profile["channels"]))] for i in range(n)]
+
+
+def check_appearance_values(values: Mapping) -> None:
+    """Chosen appearance values: exactly noise, contrast and bias, finite, noise and bias >= 0,
+    |contrast| < 1 (the statistics of `medlsdm.data.appearance.appearance_statistics`)."""
+    from medlsdm.data.appearance import APPEARANCE_STATISTICS
+
+    missing = [k for k in APPEARANCE_STATISTICS if k not in values]
+    unknown = [k for k in values if k not in APPEARANCE_STATISTICS]
+    if missing or unknown:
+        raise MedlsdmError(f"--appearance needs {', '.join(APPEARANCE_STATISTICS)}"
+                           + (f" (missing {', '.join(missing)})" if missing else "")
+                           + (f" (unknown {', '.join(map(str, unknown))})" if unknown else ""))
+    v = {k: float(values[k]) for k in APPEARANCE_STATISTICS}
+    if not all(np.isfinite(x) for x in v.values()) or v["noise"] < 0 or v["bias"] < 0 or abs(v["contrast"]) >= 1:
+        raise MedlsdmError(f"--appearance values out of range: noise and bias >= 0, -1 < contrast < 1, all finite "
+                           f"(got {', '.join(f'{k}={x}' for k, x in v.items())})")
 
 
 def with_appearance(model: SynthesisModel, volumes: torch.Tensor, label: np.ndarray | None, seed: int,

@@ -243,7 +243,7 @@ class VQGAN(nn.Module):
                  downsample: Sequence[int] = (4, 4, 4), latent_channels: int = 8, num_codes: int = 16384,
                  codebook_decay: float = 0.99, commitment: float = 0.25, attention: bool = False,
                  decoder: str = "plain", num_classes: int | None = None, spade_hidden: int = 128,
-                 norm_groups: int = 32, spade_norm_groups: int = 8, dead_code_threshold: float = 0.03,
+                 norm_groups: int = 32, spade_norm_groups: int = 8, dead_code_threshold: float | None = 0.03,
                  spade_kernel: int | Sequence[int] | None = 3, spade_shared: bool | None = False,
                  spade_slab: int | None = 0, checkpointing: bool | None = False,
                  spade_instance_norm: bool | None = True, upsample: str | None = "interpolate"):
@@ -273,7 +273,8 @@ class VQGAN(nn.Module):
         self.encoder = Encoder(self.in_channels, channels, enc_blocks, strides, self.latent_channels,
                                attention, norm_groups, checkpointing=bool(checkpointing))
         self.quantizer = EMAVectorQuantizer(num_codes, self.latent_channels, codebook_decay, commitment,
-                                            dead_code_threshold=dead_code_threshold)
+                                            dead_code_threshold=0.03 if dead_code_threshold is None
+                                            else dead_code_threshold)
         self.decoder = Decoder(self.out_channels, channels, dec_blocks, strides, self.latent_channels,
                                attention, norm_groups,
                                label_channels=self.num_classes if decoder == "spade" else None,

@@ -23,8 +23,8 @@ Dead codes are restarted from random encoder outputs of the batch. "Dead" is rel
 expected usage: with ``N`` vectors per step and ``K`` codes, a code used as often as every other
 has ``N_k -> N / K``; it is dead when ``N_k < dead_code_threshold * N / K``, and a restarted
 code starts at ``N / K`` (its sum at ``N / K`` times its vector). An unused code is therefore
-restarted again only after ``log(threshold) / log(decay)`` steps (349 at 0.03 and 0.99), and the
-codebook settles. The reference (and this module before) used an absolute threshold of one
+restarted again only after ``log(threshold) / log(decay)`` steps (349 at 0.03 and 0.99), at most
+``N`` codes per step (the least used first), and the codebook settles. The reference (and this module before) used an absolute threshold of one
 vector: at batch 1 with 16,384 codes and ~2,048 latent vectors per step ``N / K`` = 0.125, so
 nearly every code fell below it after one step and ~97 % of the codebook was re-initialised at
 every step, indefinitely (benchmarks/quality.md).
@@ -54,8 +54,8 @@ class EMAVectorQuantizer(nn.Module):
     ``commitment * mean((z - sg[z_q])^2)``, ``info`` a dict with ``perplexity`` (of the batch's
     code usage, in [1, num_codes]), ``usage`` (fraction of codes used by the batch),
     ``indices`` (``(B, *spatial)`` code indices) and, after a training update, ``restarts``
-    (codes restarted by this step) and ``active`` (fraction of codes whose EMA usage is above the
-    dead-code level).
+    (codes restarted by this step) and ``active`` (fraction of codes whose EMA usage was above the
+    dead-code level before the restarts).
     """
 
     def __init__(self, num_codes: int = 16384, dim: int = 8, decay: float = 0.99,
@@ -179,21 +179,26 @@ class EMAVectorQuantizer(nn.Module):
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
-        return self._restart_dead_codes(flat, self._expected_usage(int(counts.sum())))
+        total = int(counts.sum())   # vectors of this step on all ranks: the same number everywhere
+        return self._restart_dead_codes(flat, self._expected_usage(total), total)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor, expected: float) -> dict:
+    def _restart_dead_codes(self, flat: torch.Tensor, expected: float, limit: int) -> dict:
         # The dead mask is identical on all ranks (statistics were all-reduced), so every rank
         # takes part in the same broadcast or in none.
         level = self.dead_code_threshold * expected
-        dead = self.cluster_size < level
-        n_dead = int(dead.sum())
+        dead_mask = self.cluster_size < level
+        active = 1.0 - dead_mask.float().mean()
+        # At most as many restarts per step as the batch has vectors, the least used codes first:
+        # codes that went unused together (all of them start at N / K) come back spread over
+        # several steps instead of in one wave every ~349 steps.
+        n_dead = min(int(dead_mask.sum()), limit)
         if n_dead:
+            dead = torch.topk(self.cluster_size, n_dead, largest=False).indices
             vectors = self._random_vectors(flat, n_dead)
             self.codebook[dead] = vectors
             # Reset the EMA statistics too, so the next update keeps the restarted code instead of
             # pulling it back to the stale sum (the reference's restarts lasted one step).
             self.cluster_size[dead] = expected
             self.embed_sum[dead] = vectors * expected
-        return {"restarts": torch.tensor(n_dead),
-                "active": (self.cluster_size >= level).float().mean()}
+        return {"restarts": torch.tensor(n_dead), "active": active}

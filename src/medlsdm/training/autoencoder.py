@@ -43,6 +43,9 @@ AUTOENCODER_DEFAULTS = {
         # Decoder upsampling: interpolate (nearest + conv: no 2-voxel checkerboard, benchmarks/quality.md)
         # | transposed (the reference's; runs and weights made before this option have it)
         "upsample": "interpolate",
+        # Codebook: a code is restarted when its EMA usage falls below this fraction of the usage
+        # every code would have if all were used equally (None: 0.03; models.quantizer)
+        "dead_code_threshold": None,
         # Speed/memory options; None = as before they existed (runs made earlier still resume):
         "spade_kernel": None,             # 3 (3x3x3, None) | [1, 3, 3] (the reference's: about 1/3 of the SPADE cost)
         "spade_shared": None,             # true: one label convolution for all decoder levels instead of one per norm

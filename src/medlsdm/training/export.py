@@ -118,6 +118,8 @@ def export_sidecar(cfg: Mapping, manifest: Mapping, denoiser: Mapping, scaler_st
     from medlsdm.data.statistics import training_summary
 
     summary = training_summary(data, manifest) if data is not None else {}
+    if denoiser.get("kind") == "unconditional":
+        summary.pop("appearance", None)   # found through a label map at sampling: none here
     return {
         "kind": "diffusion",
         "space": cfg["space"],

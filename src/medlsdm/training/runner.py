@@ -96,15 +96,25 @@ def resolve_precision(precision: str) -> str:
     return "32-true"  # CPU: bf16 has no fast kernels on most CPUs (hundreds of times slower here)
 
 
+# Options added since runs were first saved whose absence means a value other than None: the
+# architecture those runs were built with (a new run gets the new default).
+ABSENT_MEANS = {"model.upsample": "transposed"}
+
+
 def _diff_configs(old: Mapping, new: Mapping, where: str = "") -> list[str]:
     """The settings that differ between a saved run configuration and a new one. An option
-    missing from the old one and None in the new one (added since, at its 'as before' default)
-    is no difference, so runs made by an older version still resume."""
+    missing from the old one and None in the new one (added since, at its 'as before' default),
+    or set to what its absence meant (`ABSENT_MEANS`), is no difference, so runs made by an
+    older version still resume."""
     out = []
     for key in sorted(set(old) | set(new)):
         name = f"{where}{key}"
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if a == "<absent>" and b is None:
+        if a == "<absent>" and (b is None or (name in ABSENT_MEANS and b == ABSENT_MEANS[name])):
+            continue
+        if a == "<absent>" and name in ABSENT_MEANS:
+            out.append(f"{name}: absent (= {ABSENT_MEANS[name]!r}) -> {b!r}, resume with --set "
+                       f"{name}={ABSENT_MEANS[name]}")
             continue
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += _diff_configs(a, b, f"{name}.")
