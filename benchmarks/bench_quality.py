@@ -208,7 +208,14 @@ def main() -> None:
         }
         folders[name] = samples
         print(name, json.dumps(results[name], default=float), flush=True)
-    figure(out / "samples_vs_real.png", cohort, folders, args.n)
+        # after every variant, so what is measured is on disk even if a later one fails
+        write_outputs(out, cohort, args.n, results, folders, real_spread, seg_info, real_dice)
+
+
+def write_outputs(out: Path, cohort: Path, n: int, results: dict, folders: dict, real_spread: dict,
+                  seg_info: dict, real_dice: float) -> None:
+    """quality.json, quality.md (the table) and samples_vs_real.png of the variants in `results`."""
+    figure(out / "samples_vs_real.png", cohort, folders, n)
     summary = {"real_appearance_spread": real_spread, "segmenter": seg_info, "variants": results}
     (out / "quality.json").write_text(json.dumps(summary, indent=1, default=float))
 

@@ -19,7 +19,7 @@ from medlsdm.models.layers import SPADEGroupNorm
 
 TINY = dict(channels=(4, 8, 8), num_res_blocks=(1, 2), latent_channels=3, num_codes=32)
 DEMO = Path(__file__).resolve().parents[1] / "src" / "medlsdm" / "weights" / "demo"
-RECORDED = Path(__file__).parent / "data" / "demo_outputs_d8b91bc.npz"
+RECORDED = Path(__file__).parent / "data" / "demo_outputs.npz"
 
 
 def _onehot(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,7 +87,9 @@ def one_thread():
 @pytest.mark.skipif(not RECORDED.is_file(), reason="recorded outputs missing")
 def test_shipped_demo_weights_give_the_outputs_recorded_before(one_thread):
     """Bit for bit: the denoiser and the SPADE decoder of the shipped demo model on fixed inputs,
-    against tests/data/demo_outputs_d8b91bc.npz (written by the code of commit d8b91bc)."""
+    against tests/data/demo_outputs.npz (tools/record_demo_outputs.py, run when the shipped decoder
+    changed, with code that gave the outputs commit d8b91bc recorded for the previous weights bit
+    for bit)."""
     from medlsdm.inference import load_model
 
     rec = np.load(RECORDED)
