@@ -130,7 +130,7 @@ def figure(path: Path, cohort: Path, rows: dict[str, Path], n: int) -> None:
         v = _image(p)
         plane = np.rot90(v[:, :, v.shape[2] // 2])
         lo, hi = np.percentile(plane, [0.5, 99.5])
-        return np.clip((plane - lo) / (hi - lo or 1.0), 0, 1)
+        return np.repeat(np.clip((plane - lo) / (hi - lo or 1.0), 0, 1)[..., None], 3, axis=-1)   # grey RGB
 
     grid = [[axial(p) for p in real]]
     titles = ["real subjects"]
