@@ -19,6 +19,10 @@ segmentation-free report with figures, privacy.json) lands in OUT/<name>/evaluat
 --weights: a folder with the real LPIPS (VGG16 backbone, v0.1 heads) and FID Inception files
 (vgg16-features.pth, lpips-v0.1-vgg-heads.pth, inception-2015-12-05-torchscript.pt; hash-checked
 on loading); without it LPIPS and 2D FID are left out.
+--appearance: the acquisition-appearance post-process of `medlsdm sample` (noise, contrast, bias
+field of a training scan; models trained since appearance profiles exist have one). Default none:
+the models themselves are compared (the shipped demo model has no profile; on the 400-step
+Med-DDPM "auto" cost 6 dB PSNR).
 
 (COHORT: `medlsdm demo-data --out COHORT`; the runs: see benchmarks/models.md.)
 """
@@ -93,7 +97,7 @@ def real_views(cohort: Path, out: Path) -> dict[str, Path]:
 
 
 def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, out: Path, n: int, seed: int,
-                   seg, quality_options: dict, views: dict[str, Path]) -> dict:
+                   seg, quality_options: dict, views: dict[str, Path], appearance: str = "none") -> dict:
     net, _, num_classes, patch, real_score = seg
     model = load_model(run_dir, "cpu")
     sampler, steps, guidance = None, None, None
@@ -108,7 +112,7 @@ def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, 
     start, cpu_start = time.perf_counter(), time.process_time()
     if model.conditional:
         written = sample_to_files(run_dir, labels, synthetic, n=n, sampler=sampler, steps=steps, guidance=guidance,
-                                  seed=seed)
+                                  seed=seed, appearance=appearance)
     else:
         written = sample_to_files(run_dir, None, synthetic, n=n * n_test, sampler=sampler, steps=steps, seed=seed)
     seconds = (time.perf_counter() - start) / len(written)
@@ -128,6 +132,7 @@ def evaluate_model(name: str, run_dir: str, sampling: str | None, cohort: Path, 
                            else scfg.get("steps") or model.schedule.T),
         "guidance": (guidance or scfg.get("guidance", 1.0)) if model.conditional else None,
         "training_steps": model.sidecar.get("steps"),
+        "appearance": appearance if model.conditional else None,
         "seconds_per_volume": seconds, "cpu_seconds_per_volume": cpu_seconds, "n_volumes": len(written),
         "ssim": paired.get("ssim", {}).get("mean"), "psnr": paired.get("psnr", {}).get("mean"),
         "ms_ssim": paired.get("ms_ssim", {}).get("mean"), "lpips_vgg": paired.get("lpips_vgg", {}).get("mean"),
@@ -166,6 +171,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", type=Path, help="folder with the real LPIPS and Inception files (../shared/weights)")
+    parser.add_argument("--appearance", default="none", choices=["none", "auto"],
+                        help="sample's appearance post-process (default none: the models themselves)")
     parser.add_argument("--fid-slices", type=int, default=8, help="slices per axis (D, H, W) and volume for 2D FID")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -186,7 +193,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, run in models.items():  # results.json after each model: a late failure keeps the others
         result["models"].append(evaluate_model(name, run, sampling.get(name), args.cohort, args.out, args.n, args.seed,
-                                               seg, options, views))
+                                               seg, options, views, args.appearance))
         result["minutes"] = (time.perf_counter() - start) / 60
         (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     rows = result["models"]
