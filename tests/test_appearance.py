@@ -182,3 +182,38 @@ def test_evaluate_quality_reports_appearance_spread(tmp_path):
     assert (same["tissue"], same["other"]) == (2, 4)
     assert all(abs(v) < 1e-9 for v in same["ratio"].values()), same["ratio"]
     assert all(varied["ratio"][k] > 0.3 for k in ("noise", "contrast", "bias")), varied["ratio"]
+
+
+def test_a_model_off_the_training_intensities_keeps_its_level():
+    """An undertrained model's output — background well above the training scans' zero, contrast
+    compressed — gets the target's contrast without its background and mean level being moved
+    (a gamma pivoting at the training zero lifted both: a Med-DDPM volume's mean went from 315
+    to 510 against 201 real), and the gamma stays within `GAMMA_RANGE`."""
+    import medlsdm.data.appearance as appearance
+
+    label, grid = _phantom()
+    rng = np.random.default_rng(0)
+    reals = [_scan(label, grid, rng, noise, gamma, bias)
+             for noise, gamma, bias in [(0.01, 0.9, 0.05), (0.03, 1.2, 0.25), (0.05, 1.0, 0.15)]]
+    profile = appearance_profile(reals, [label] * 3, "mr")
+    clean = _scan(label, grid, np.random.default_rng(1), 1e-4, 1.1, 0.0)
+    under = 0.5 * clean + 0.25 + 0.02 * np.random.default_rng(3).normal(size=clean.shape)
+    gammas = []
+    solve = appearance._solve_gamma
+
+    def spy(contrast_of, target):
+        gammas.append(solve(contrast_of, target))
+        return gammas[-1]
+
+    appearance._solve_gamma = spy
+    try:
+        for target in profile["channels"][0]:
+            out = apply_appearance(under, label, profile, target, np.random.default_rng(5))
+            assert appearance_statistics(out, label, 2, 4)["contrast"] == pytest.approx(target["contrast"], abs=0.01)
+            assert abs(float(np.median(out[label == 0])) - float(np.median(under[label == 0]))) < 0.07
+            assert abs(float(out.mean()) - float(under.mean())) < 0.06
+            for c in (1, 2, 4):
+                assert abs(float(np.median(out[label == c])) - float(np.median(under[label == c]))) < 0.06
+    finally:
+        appearance._solve_gamma = solve
+    assert gammas and all(appearance.GAMMA_RANGE[0] <= g <= appearance.GAMMA_RANGE[1] for g in gammas)

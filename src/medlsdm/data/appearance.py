@@ -32,6 +32,10 @@ MIN_VOXELS = 50
 MAX_PROFILE_CASES = 512   # per-case targets kept in a sidecar
 FIELD_LIMIT = 4.0         # bias log-field clipped at this many of its SDs (inside the tissue)
 MAX_LOG_BIAS = 1.0        # largest SD of the added log-field
+# Gamma range for the contrast: scans of one cohort need 0.55-1.0 (the demo cohort, every training
+# scan given every other's contrast); beyond, a target contrast is out of reach of this volume
+# (a model far from its training intensities) and a steeper gamma would only distort it.
+GAMMA_RANGE = (0.5, 2.0)
 
 
 def _unit_range(image: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -173,11 +177,11 @@ def _measured_contrast(v: np.ndarray, brain, region, other) -> float:
 
 
 def _solve_gamma(contrast_of, target: float) -> float:
-    """Gamma g with ``contrast_of(g) == target``: bisection on log g in [1/4, 4] (the contrast is
-    monotone in g); the nearer end when the target is out of reach."""
+    """Gamma g with ``contrast_of(g) == target``: bisection on log g in `GAMMA_RANGE` (the contrast
+    is monotone in g); the nearer end when the target is out of reach."""
     if not np.isfinite(target):
         return 1.0
-    lo, hi = np.log(0.25), np.log(4.0)
+    lo, hi = np.log(GAMMA_RANGE[0]), np.log(GAMMA_RANGE[1])
     f_lo, f_hi = contrast_of(np.exp(lo)) - target, contrast_of(np.exp(hi)) - target
     if not np.isfinite(f_lo + f_hi):
         return 1.0
@@ -207,35 +211,46 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
                      rng: np.random.Generator, value_range: tuple[float, float] = (-1.0, 1.0),
                      iterations: int = 3) -> np.ndarray:
     """One channel (D, H, W) of a synthetic volume, in prepared intensities (``value_range``, whose
-    lower end is the zero signal of the scan), given ``target``'s appearance (a dict of
+    lower end is the zero signal of a scan), given ``target``'s appearance (a dict of
     `appearance_statistics`): ``signal ** gamma * exp(b * field)`` plus noise (Rician for MR), with
     a random smooth field and noise drawn once from ``rng``, and gamma, b and the noise level set so
     that the result's own statistics reach the target's (the decoder's own noise and bias count:
     independent parts add in quadrature). The three interact through the percentile range the
     statistics are measured on, so they are refined ``iterations`` times. Clipped to ``value_range``.
-    Without a Rician noise model (CT, other calibrated intensities) only Gaussian noise is added."""
+    Without a Rician noise model (CT, other calibrated intensities) only Gaussian noise is added.
+
+    The signal is measured from the volume's own background level (the median outside the label
+    map, at most the brain's 1st percentile) when that lies above ``value_range``'s lower end: a
+    model that does not yet give its background the training scans' zero (an undertrained one)
+    keeps its background and intensity level, and only the signal above it is reshaped; values
+    below that level pass through unchanged."""
     x = np.asarray(image, dtype=np.float64)
     label = np.asarray(label)
     brain = label > 0
     region, core, other = _regions(label, int(profile["tissue"]), int(profile["other"]), 1)
-    zero = float(value_range[0])
     _, lo, scale = _unit_range(x, brain)
+    zero = float(value_range[0])
+    if (~brain).sum() >= MIN_VOXELS:
+        zero = min(max(zero, float(np.median(x[~brain]))), lo)
     top = lo + scale                                           # the brain's 99th percentile
-    v = np.clip((x - zero) / max(top - zero, 1e-12), 0.0, None)   # signal, 0 = none
+    v = (x - zero) / max(top - zero, 1e-12)                    # signal, 0 = the background level
+    below = np.minimum(v, 0.0)                                 # under the background level: kept
+    v = np.maximum(v, 0.0)
     field = _smooth_log_field(v.shape, core, rng)
-    n1, n2 = rng.normal(size=v.shape), rng.normal(size=v.shape)
+    n1 = rng.normal(size=v.shape)
     if profile.get("noise_model") != "rician":
         # CT and other calibrated intensities: a gamma or a bias field would change what the
         # values mean (Hounsfield units); only the noise level is an acquisition property there.
         own = _statistics_of(x, brain, region, core, other)
         sigma = float(np.sqrt(max(float(target["noise"]) ** 2 - own["noise"] ** 2, 0.0))) * scale
         return np.clip(x + sigma * n1, *value_range).astype(np.float32)
+    n2 = rng.normal(size=v.shape)
 
     def build(g: float, b: float, sigma: float) -> np.ndarray:
         w = v**g * np.exp(b * field) if b > 0 else v**g
         if sigma > 0:
             w = np.sqrt((w + sigma * n1) ** 2 + (sigma * n2) ** 2)   # Rician: a magnitude image
-        return w
+        return w + below
 
     def stats(w: np.ndarray) -> dict[str, float]:
         return _statistics_of(w, brain, region, core, other)
