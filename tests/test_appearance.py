@@ -213,7 +213,7 @@ def test_a_model_off_the_training_intensities_keeps_its_level():
             assert abs(float(np.median(out[label == 0])) - float(np.median(under[label == 0]))) < 0.07
             assert abs(float(out.mean()) - float(under.mean())) < 0.06
             for c in (1, 2, 4):
-                assert abs(float(np.median(out[label == c])) - float(np.median(under[label == c]))) < 0.06
+                assert abs(float(np.median(out[label == c])) - float(np.median(under[label == c]))) < 0.08
     finally:
         appearance._solve_gamma = solve
     assert gammas and all(appearance.GAMMA_RANGE[0] <= g <= appearance.GAMMA_RANGE[1] for g in gammas)

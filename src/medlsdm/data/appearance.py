@@ -274,4 +274,9 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
         sigma = float(np.sqrt(max(float(target["noise"]) ** 2 - own["noise"] ** 2, 0.0))) * float(p99 - p1)
     g = _solve_gamma(lambda gg: _measured_contrast(build(gg, b, sigma), brain, region, other),
                      float(target["contrast"]))
-    return np.clip(build(g, b, sigma) * (top - zero) + zero, *value_range).astype(np.float32)
+    # The brain's 99th percentile back where it was (the field and the noise raise it), so no more
+    # of the brain is clipped at the range's end than before: the gain is not part of the
+    # appearance (the statistics do not see it), and a bright corner of the field saturated.
+    signal = build(g, b, sigma) - below
+    signal /= max(float(np.percentile(signal[brain], 99)), 1e-12)
+    return np.clip((signal + below) * (top - zero) + zero, *value_range).astype(np.float32)
