@@ -37,19 +37,22 @@ TABLE = {"0": "background", "1": "csf", "2": "grey_matter", "3": "white_matter"}
 
 # Stage-1 settings. "reference": the Med-LSDM reference's architecture (REFERENCE.md §1 and §5:
 # channels 16/32/64, ResBlocks 1/2, 16,384 codes, 2D + 3D PatchGAN, LPIPS-VGG; SPADE with
-# (1, 3, 3) kernels, 128 hidden channels, 8 groups, plain gamma/beta convolutions).
+# (1, 3, 3) kernels, 128 hidden channels, 8 groups, plain gamma/beta convolutions; transposed-
+# convolution upsampling in the decoder, whose default is now interpolation + convolution).
 # "default": this package's defaults (SPADE with 3x3x3 kernels and instance-normalised
 # gamma/beta, as MONAI's block that the shipped decoder was trained with). "demo": the demo
 # preset and its shipped SPADE decoder (hidden 32; discriminators off, as in the demo's
 # training). "+ckpt": with activation checkpointing and SPADE slabs of 8 slices; "+shared": one
 # label convolution for the whole decoder, 64 hidden channels. Keys absent from an older tree
 # are reported there as "option missing".
-REFERENCE_SPADE = {"spade_kernel": [1, 3, 3], "spade_instance_norm": False}
+REFERENCE_MODEL = {"spade_kernel": [1, 3, 3], "spade_instance_norm": False, "upsample": "transposed"}
+# What trees from before an option existed always did (its value there).
+BEFORE_THE_OPTION = {"upsample": "transposed"}
 AE_SETTINGS = {
-    "reference": {"model": dict(REFERENCE_SPADE), "loss": {"disc_start": 0}},
-    "reference+ckpt": {"model": {**REFERENCE_SPADE, "checkpointing": True, "spade_slab": 8},
+    "reference": {"model": dict(REFERENCE_MODEL), "loss": {"disc_start": 0}},
+    "reference+ckpt": {"model": {**REFERENCE_MODEL, "checkpointing": True, "spade_slab": 8},
                        "loss": {"disc_start": 0}},
-    "reference+shared": {"model": {**REFERENCE_SPADE, "spade_shared": True, "spade_hidden": 64},
+    "reference+shared": {"model": {**REFERENCE_MODEL, "spade_shared": True, "spade_hidden": 64},
                          "loss": {"disc_start": 0}},
     "default": {"model": {}, "loss": {"disc_start": 0}},
     "demo": {"model": {"num_codes": 1024, "spade_hidden": 32}, "loss": {"disc_start": 100000}},
@@ -108,7 +111,9 @@ def _autoencoder_step(decoder: str, setting: str, size, tmp: str):
     base = AUTOENCODER_DEFAULTS
     if setting == "demo":
         base = merge(AUTOENCODER_DEFAULTS, load_preset("demo")["autoencoder"])
-    dropped = sorted(k for k in over["model"] if k not in base["model"])
+    # A key an older tree lacks is missing there unless its value is what that tree always did.
+    dropped = sorted(k for k in over["model"] if k not in base["model"]
+                     and BEFORE_THE_OPTION.get(k, object()) != over["model"][k])
     model = {k: v for k, v in over["model"].items() if k in base["model"]}
     cfg = merge(base, {"model": {**model, "decoder": decoder},
                        "loss": {**over["loss"], **_random_lpips(tmp)}})
