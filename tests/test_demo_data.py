@@ -107,6 +107,24 @@ def test_seeded_determinism_and_subject_independent_of_cohort_size(cohort, tmp_p
     assert not np.array_equal(other_seed[1], _load(cohort / "labels" / "subject_000.nii.gz")[0])
 
 
+def test_noise_free_scan_is_the_same_scan_without_its_noise():
+    """`_vary_intensity(noise=False)` (the benchmarks' reconstruction ceiling) draws the same bias
+    field, gamma and gain: the scan minus it is noise — zero-mean inside the head, white (no
+    correlation between neighbouring voxels), at the drawn level."""
+    template_image, _, _ = demo.build_template(**SMALL)
+    anatomy = np.asarray(template_image, dtype=np.float64)
+    scan = demo._vary_intensity(anatomy, np.random.default_rng(7), demo.VARIATION)
+    clean = demo._vary_intensity(anatomy, np.random.default_rng(7), demo.VARIATION, noise=False)
+    other = demo._vary_intensity(anatomy, np.random.default_rng(8), demo.VARIATION, noise=False)
+    head = anatomy > 0.3            # well above the noise: Rician is about Gaussian there
+    residual = (scan - clean)[head]
+    assert abs(residual.mean()) < 0.2 * residual.std()
+    shifted = (scan - clean)[1:][head[1:] & head[:-1]], (scan - clean)[:-1][head[1:] & head[:-1]]
+    assert abs(np.corrcoef(*shifted)[0, 1]) < 0.1
+    assert np.corrcoef(scan[head], clean[head])[0, 1] > 0.95
+    assert not np.allclose(clean, other)   # other draws: another bias field, gamma, gain
+
+
 def test_grid_geometry_follows_shape_and_spacing():
     image, labels, affine = demo.build_template(shape=(20, 24, 16), spacing=(9.0, 8.0, 10.0))
     assert image.shape == labels.shape == (20, 24, 16)

@@ -218,8 +218,10 @@ def _warp_labels(labels: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return values[np.argmax(np.stack(warped), axis=0)].astype(np.uint8)
 
 
-def _vary_intensity(image: np.ndarray, rng: np.random.Generator, variation) -> np.ndarray:
-    """MR-like intensity variation: smooth multiplicative bias, gamma, gain, Rician noise."""
+def _vary_intensity(image: np.ndarray, rng: np.random.Generator, variation, noise: bool = True) -> np.ndarray:
+    """MR-like intensity variation: smooth multiplicative bias, gamma, gain, Rician noise
+    (``noise=False``: the same scan without its noise, from the same draws; benchmarks use it as
+    the best any reconstruction that does not reproduce noise can do)."""
     bias = np.exp(_smooth_field(rng, variation["bias_grid"], image.shape, variation["bias_std"]))
     gamma = math.exp(rng.normal(0.0, variation["gamma_std"]))
     low, high = variation["gain_range"]
@@ -227,6 +229,8 @@ def _vary_intensity(image: np.ndarray, rng: np.random.Generator, variation) -> n
     signal = np.clip(image, 0.0, None) ** gamma * bias
     # Magnitude images carry Rician noise: |signal + complex Gaussian noise|.
     sigma = rng.uniform(*variation["noise_range"])
+    if not noise:
+        return (gain * signal).astype(np.float32)
     real = signal + rng.normal(0.0, sigma, image.shape)
     imaginary = rng.normal(0.0, sigma, image.shape)
     return (gain * np.sqrt(real**2 + imaginary**2)).astype(np.float32)
