@@ -143,18 +143,25 @@ def tissue_pair(labels: Sequence[np.ndarray]) -> tuple[int, int]:
 
 def appearance_profile(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], modality: str,
                        seed: int = 0) -> dict:
-    """The training set's appearance, for a model's sidecar: the tissue pair, and per channel the
-    statistics of every case (at most ``MAX_PROFILE_CASES``, drawn with ``seed``). ``images``:
-    (C, D, H, W) or (D, H, W) arrays; cases where a statistic cannot be measured are left out."""
+    """The training set's appearance, for a model's sidecar: the tissue pair, per channel the
+    statistics of every case (at most ``MAX_PROFILE_CASES``, drawn with ``seed``) and the median
+    over cases of the median intensity outside the label map (``background``; None without
+    enough such voxels). ``images``: (C, D, H, W) or (D, H, W) arrays; cases where a statistic
+    cannot be measured are left out."""
     tissue, other = tissue_pair(labels)
     order = np.random.default_rng(seed).permutation(len(images))[:MAX_PROFILE_CASES]
     channels: list[list[dict]] = []
+    backgrounds: list[list[float]] = []
     for i in sorted(order.tolist()):
         image = np.asarray(images[i], dtype=np.float64)
         image = image[None] if image.ndim == 3 else image
+        outside = np.asarray(labels[i]) == 0
         while len(channels) < image.shape[0]:
             channels.append([])
+            backgrounds.append([])
         for c in range(image.shape[0]):
+            if outside.sum() >= MIN_VOXELS:
+                backgrounds[c].append(float(np.median(image[c][outside])))
             try:
                 channels[c].append(appearance_statistics(image[c], labels[i], tissue, other))
             except DataError:
@@ -163,7 +170,7 @@ def appearance_profile(images: Sequence[np.ndarray], labels: Sequence[np.ndarray
         raise DataError("no training case had enough of classes "
                         f"{tissue} and {other} to measure its appearance")
     return {"version": 1, "tissue": tissue, "other": other, "noise_model": "rician" if modality == "mr" else "gaussian",
-            "channels": channels}
+            "channels": channels, "background": [float(np.median(b)) if b else None for b in backgrounds]}
 
 
 def choose_target(profile: Mapping, channel: int, rng: np.random.Generator) -> dict[str, float]:
@@ -209,7 +216,7 @@ def _smooth_log_field(shape, core: np.ndarray, rng: np.random.Generator) -> np.n
 
 def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, target: Mapping[str, float],
                      rng: np.random.Generator, value_range: tuple[float, float] = (-1.0, 1.0),
-                     iterations: int = 3) -> np.ndarray:
+                     iterations: int = 3, channel: int = 0) -> np.ndarray:
     """One channel (D, H, W) of a synthetic volume, in prepared intensities (``value_range``, whose
     lower end is the zero signal of a scan), given ``target``'s appearance (a dict of
     `appearance_statistics`): ``signal ** gamma * exp(b * field)`` plus noise (Rician for MR), with
@@ -219,32 +226,37 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     statistics are measured on, so they are refined ``iterations`` times. Clipped to ``value_range``.
     Without a Rician noise model (CT, other calibrated intensities) only Gaussian noise is added.
 
-    The signal is measured from the volume's own background level (the median outside the label
-    map, at most the brain's 1st percentile) when that lies above ``value_range``'s lower end: a
-    model that does not yet give its background the training scans' zero (an undertrained one)
-    keeps its background and intensity level, and only the signal above it is reshaped; values
-    below that level pass through unchanged."""
+    Zero signal is ``value_range``'s lower end, raised by as much as the volume's background (its
+    median outside the label map) lies above the training scans' (the profile's ``background`` of
+    ``channel``), at most to the brain's 1st percentile: a model that does not yet give its
+    background the training scans' level (an undertrained one) keeps that level and the volume's
+    intensity level, and only the signal above it is reshaped. Values below zero signal are kept
+    (plus the Rician noise floor, as in the background of a magnitude image). Profiles without a
+    ``background`` (written before it was recorded): zero signal is the range's lower end."""
     x = np.asarray(image, dtype=np.float64)
     label = np.asarray(label)
     brain = label > 0
     region, core, other = _regions(label, int(profile["tissue"]), int(profile["other"]), 1)
     _, lo, scale = _unit_range(x, brain)
-    zero = float(value_range[0])
-    if (~brain).sum() >= MIN_VOXELS:
-        zero = min(max(zero, float(np.median(x[~brain]))), lo)
-    top = lo + scale                                           # the brain's 99th percentile
-    v = (x - zero) / max(top - zero, 1e-12)                    # signal, 0 = the background level
-    below = np.minimum(v, 0.0)                                 # under the background level: kept
-    v = np.maximum(v, 0.0)
-    field = _smooth_log_field(v.shape, core, rng)
-    n1 = rng.normal(size=v.shape)
     if profile.get("noise_model") != "rician":
         # CT and other calibrated intensities: a gamma or a bias field would change what the
         # values mean (Hounsfield units); only the noise level is an acquisition property there.
         own = _statistics_of(x, brain, region, core, other)
         sigma = float(np.sqrt(max(float(target["noise"]) ** 2 - own["noise"] ** 2, 0.0))) * scale
-        return np.clip(x + sigma * n1, *value_range).astype(np.float32)
-    n2 = rng.normal(size=v.shape)
+        return np.clip(x + sigma * rng.normal(size=x.shape), *value_range).astype(np.float32)
+    zero = float(value_range[0])
+    reference = list(profile.get("background") or [])
+    if channel < len(reference) and reference[channel] is not None and (~brain).sum() >= MIN_VOXELS:
+        # Only the deviation from the training scans' background counts: where label 0 holds
+        # tissue (a few structures labelled in a body), the training scans' median was tissue too.
+        lift = float(np.median(x[~brain])) - float(reference[channel])
+        zero = min(zero + max(lift, 0.0), lo)
+    top = lo + scale                                           # the brain's 99th percentile
+    v = (x - zero) / max(top - zero, 1e-12)                    # signal, 0 = none
+    below = np.minimum(v, 0.0)                                 # under zero signal: kept
+    v = np.maximum(v, 0.0)
+    field = _smooth_log_field(v.shape, core, rng)
+    n1, n2 = rng.normal(size=v.shape), rng.normal(size=v.shape)
 
     def build(g: float, b: float, sigma: float) -> np.ndarray:
         w = v**g * np.exp(b * field) if b > 0 else v**g

@@ -234,7 +234,7 @@ def with_appearance(model: SynthesisModel, volumes: torch.Tensor, label: np.ndar
         for i, per_channel in enumerate(targets):
             rng = np.random.default_rng([int(seed), i, 1])
             for c, target in enumerate(per_channel):
-                out[i, c] = apply_appearance(out[i, c], label, profile, target, rng)
+                out[i, c] = apply_appearance(out[i, c], label, profile, target, rng, channel=c)
     except DataError as exc:
         if explicit:
             raise
