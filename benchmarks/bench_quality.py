@@ -333,7 +333,7 @@ def write_outputs(out: Path, cohort: Path, n: int, results: dict, folders: dict,
             ("paired SSIM", lambda r: r["ssim"]), ("paired PSNR (dB)", lambda r: r["psnr"]),
             ("LPIPS-VGG", lambda r: r["lpips_vgg"]), ("2D FID", lambda r: r["fid2d"]),
             ("MS-SSIM among samples of a map (goal <= 0.95)", lambda r: r["ms_ssim_within_map"]),
-            ("the same, normalised as at preparation", lambda r: r.get("ms_ssim_within_map_normalised")),
+            ("the same, normalised inside the label map", lambda r: r.get("ms_ssim_within_map_normalised")),
             *[(f"{k} spread / real (goal >= 0.5)", (lambda k: lambda r: r["appearance_spread_ratio"][k])(k))
               for k in APPEARANCE_STATISTICS],
             ("Dice ratio synthetic / real (goal >= 0.95)", lambda r: r["dice_ratio"]),
