@@ -262,3 +262,34 @@ def test_unlabelled_tissue_outside_the_map_is_not_taken_for_background():
         apply_appearance(clean, label, old, profile["channels"][0][1], np.random.default_rng(2)),
         apply_appearance(clean, label, {**profile, "background": [float(np.median(clean[label == 0]))]},
                          profile["channels"][0][1], np.random.default_rng(2)))
+
+
+def test_background_noise_follows_the_training_scans():
+    """Away from the label map the added noise matches the training scans' background: none
+    where they were zero-filled (skull-stripped data: a noisy background would give a synthetic
+    scan away), a floor of about their spread where they kept the magnitude image's noise —
+    while the tissue gets the target's noise either way."""
+    from medlsdm.data.appearance import _background_noise, _far_background
+
+    label, grid = _phantom()
+    _, far = _far_background(label)
+    assert far.sum() > 500
+    rng = np.random.default_rng(0)
+    noisy = [_scan(label, grid, rng, noise, 1.0, bias) for noise, bias in [(0.03, 0.1), (0.04, 0.2), (0.035, 0.15)]]
+    stripped = [np.where(label > 0, scan, -1.0) for scan in noisy]
+    clean = _scan(label, grid, np.random.default_rng(1), 1e-4, 1.1, 0.0)
+    for reals, zero_filled in ((stripped, True), (noisy, False)):
+        profile = appearance_profile(reals, [label] * 3, "mr")
+        assert (profile["background_noise"][0] == 0) == zero_filled
+        for target in profile["channels"][0]:
+            out = apply_appearance(clean, label, profile, target, np.random.default_rng(3))
+            assert appearance_statistics(out, label, 2, 4)["noise"] == pytest.approx(target["noise"], rel=0.25)
+            got = _background_noise(out.astype(np.float64), label > 0, far)
+            if zero_filled:
+                assert got < 0.002 and np.abs(out[far] - clean[far]).max() < 5e-3   # flat, as the input
+            else:
+                assert got == pytest.approx(profile["background_noise"][0], rel=0.35)
+    # a profile without the background noise: the tissue's level everywhere, as before
+    old = {k: v for k, v in profile.items() if k != "background_noise"}
+    out = apply_appearance(clean, label, old, profile["channels"][0][0], np.random.default_rng(3))
+    assert _background_noise(out.astype(np.float64), label > 0, far) > 0

@@ -36,6 +36,7 @@ MAX_LOG_BIAS = 1.0        # largest SD of the added log-field
 # scan given every other's contrast); beyond, a target contrast is out of reach of this volume
 # (a model far from its training intensities) and a steeper gamma would only distort it.
 GAMMA_RANGE = (0.5, 2.0)
+BACKGROUND_MARGIN = 3     # voxels from the label map beyond which label 0 counts as background
 
 
 def _unit_range(image: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -98,6 +99,22 @@ def _statistics_of(x: np.ndarray, brain, region, core, other) -> dict[str, float
     return _statistics(_unit_range(x, brain)[0], region, core, other)
 
 
+def _far_background(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance of every voxel to the label map's foreground, in voxels; the voxels at least
+    `BACKGROUND_MARGIN` from it)."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(label == 0)
+    return distance, distance >= BACKGROUND_MARGIN
+
+
+def _background_noise(x: np.ndarray, brain, far) -> float:
+    """Noise SD in the background away from the label map, on the brain's unit range (the units
+    of ``noise``): 0 where the data zero-fill it (skull-stripped scans), a Rayleigh floor's
+    spread where they keep the magnitude image's noise."""
+    return _robust_sd(_six_neighbour_residual(_unit_range(x, brain)[0])[far])
+
+
 def appearance_statistics(image, label, tissue: int, other: int, erosion: int = 1) -> dict[str, float]:
     """Global appearance of one volume (D, H, W) with its label map:
 
@@ -144,24 +161,31 @@ def tissue_pair(labels: Sequence[np.ndarray]) -> tuple[int, int]:
 def appearance_profile(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], modality: str,
                        seed: int = 0) -> dict:
     """The training set's appearance, for a model's sidecar: the tissue pair, per channel the
-    statistics of every case (at most ``MAX_PROFILE_CASES``, drawn with ``seed``) and the median
-    over cases of the median intensity outside the label map (``background``; None without
+    statistics of every case (at most ``MAX_PROFILE_CASES``, drawn with ``seed``), the median
+    over cases of the median intensity outside the label map (``background``) and of the noise SD
+    in the background away from it (``background_noise``, `_background_noise`; each None without
     enough such voxels). ``images``: (C, D, H, W) or (D, H, W) arrays; cases where a statistic
     cannot be measured are left out."""
     tissue, other = tissue_pair(labels)
     order = np.random.default_rng(seed).permutation(len(images))[:MAX_PROFILE_CASES]
     channels: list[list[dict]] = []
     backgrounds: list[list[float]] = []
+    background_noise: list[list[float]] = []
     for i in sorted(order.tolist()):
         image = np.asarray(images[i], dtype=np.float64)
         image = image[None] if image.ndim == 3 else image
-        outside = np.asarray(labels[i]) == 0
+        label = np.asarray(labels[i])
+        outside = label == 0
+        _, far = _far_background(label)
         while len(channels) < image.shape[0]:
             channels.append([])
             backgrounds.append([])
+            background_noise.append([])
         for c in range(image.shape[0]):
             if outside.sum() >= MIN_VOXELS:
                 backgrounds[c].append(float(np.median(image[c][outside])))
+            if far.sum() >= MIN_VOXELS and (~outside).sum() >= MIN_VOXELS:
+                background_noise[c].append(_background_noise(image[c], ~outside, far))
             try:
                 channels[c].append(appearance_statistics(image[c], labels[i], tissue, other))
             except DataError:
@@ -170,7 +194,8 @@ def appearance_profile(images: Sequence[np.ndarray], labels: Sequence[np.ndarray
         raise DataError("no training case had enough of classes "
                         f"{tissue} and {other} to measure its appearance")
     return {"version": 1, "tissue": tissue, "other": other, "noise_model": "rician" if modality == "mr" else "gaussian",
-            "channels": channels, "background": [float(np.median(b)) if b else None for b in backgrounds]}
+            "channels": channels, "background": [float(np.median(b)) if b else None for b in backgrounds],
+            "background_noise": [float(np.median(b)) if b else None for b in background_noise]}
 
 
 def choose_target(profile: Mapping, channel: int, rng: np.random.Generator) -> dict[str, float]:
@@ -232,7 +257,14 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     background the training scans' level (an undertrained one) keeps that level and the volume's
     intensity level, and only the signal above it is reshaped. Values below zero signal are kept
     (plus the Rician noise floor, as in the background of a magnitude image). Profiles without a
-    ``background`` (written before it was recorded): zero signal is the range's lower end."""
+    ``background`` (written before it was recorded): zero signal is the range's lower end.
+
+    The noise level reached in the tissue counts fine texture as noise, which the decoder's output
+    lacks; in the background, `BACKGROUND_MARGIN` voxels or more from the label map, the added
+    noise is scaled instead to the training scans' background noise (``background_noise``, times
+    the target's noise over the profile's median): none where the training scans were
+    zero-filled there (skull-stripped data), their Rayleigh floor where they kept it. Profiles
+    without it: the tissue's noise level everywhere."""
     x = np.asarray(image, dtype=np.float64)
     label = np.asarray(label)
     brain = label > 0
@@ -258,10 +290,11 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     field = _smooth_log_field(v.shape, core, rng)
     n1, n2 = rng.normal(size=v.shape), rng.normal(size=v.shape)
 
-    def build(g: float, b: float, sigma: float) -> np.ndarray:
+    def build(g: float, b: float, sigma, amplitude=1.0) -> np.ndarray:
         w = v**g * np.exp(b * field) if b > 0 else v**g
         if sigma > 0:
-            w = np.sqrt((w + sigma * n1) ** 2 + (sigma * n2) ** 2)   # Rician: a magnitude image
+            s = sigma * amplitude
+            w = np.sqrt((w + s * n1) ** 2 + (s * n2) ** 2)   # Rician: a magnitude image
         return w + below
 
     def stats(w: np.ndarray) -> dict[str, float]:
@@ -286,9 +319,31 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
         sigma = float(np.sqrt(max(float(target["noise"]) ** 2 - own["noise"] ** 2, 0.0))) * float(p99 - p1)
     g = _solve_gamma(lambda gg: _measured_contrast(build(gg, b, sigma), brain, region, other),
                      float(target["contrast"]))
+    amplitude = _background_amplitude(profile, channel, target, label, brain,
+                                      lambda a: build(g, b, sigma, a)) if sigma > 0 else 1.0
     # The brain's 99th percentile back where it was (the field and the noise raise it), so no more
     # of the brain is clipped at the range's end than before: the gain is not part of the
     # appearance (the statistics do not see it), and a bright corner of the field saturated.
-    signal = build(g, b, sigma) - below
+    signal = build(g, b, sigma, amplitude) - below
     signal /= max(float(np.percentile(signal[brain], 99)), 1e-12)
     return np.clip((signal + below) * (top - zero) + zero, *value_range).astype(np.float32)
+
+
+def _background_amplitude(profile: Mapping, channel: int, target: Mapping[str, float], label: np.ndarray,
+                          brain: np.ndarray, build):
+    """The added noise's amplitude per voxel: 1 in and near the label map, ramping over
+    `BACKGROUND_MARGIN` voxels to k in the background, k (in [0, 1], one secant step: the floor's
+    spread grows about linearly with it) giving the background the training scans' noise scaled
+    by the target's noise level; 1 when the profile has no ``background_noise`` for the channel."""
+    reference = list(profile.get("background_noise") or [])
+    distance, far = _far_background(label)
+    if channel >= len(reference) or reference[channel] is None or far.sum() < MIN_VOXELS:
+        return 1.0
+    typical = float(np.median([case["noise"] for case in profile["channels"][channel]]))
+    want = float(reference[channel]) * (float(target["noise"]) / typical if typical > 0 else 1.0)
+    ramp = np.clip(distance / BACKGROUND_MARGIN, 0.0, 1.0)
+    own = _background_noise(build(1.0 - ramp), brain, far)            # k = 0: no noise added there
+    full = _background_noise(build(1.0), brain, far)                  # k = 1: the tissue's level
+    added = float(np.sqrt(max(want**2 - own**2, 0.0)))
+    k = float(np.clip(added / max(float(np.sqrt(max(full**2 - own**2, 0.0))), 1e-12), 0.0, 1.0))
+    return 1.0 - ramp * (1.0 - k)
