@@ -39,4 +39,6 @@ PY
 # diffusion.json, which `medlsdm sample` uses to put label maps of any grid where the model has
 # seen data and to give samples the appearance of training scans, are written by `train
 # diffusion`; the shipped sidecar predates them and had them added from the prepared cohort with
-# medlsdm.data.statistics.training_summary (the same 16 training cases).
+# medlsdm.data.statistics.training_summary (the same 16 training cases; the appearance profile's
+# background level and background noise were added the same way when profiles gained them, the
+# per-scan statistics checked to be the same values).
