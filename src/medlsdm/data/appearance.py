@@ -254,10 +254,12 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     Zero signal is ``value_range``'s lower end, raised by as much as the volume's background (its
     median outside the label map) lies above the training scans' (the profile's ``background`` of
     ``channel``), at most to the brain's 1st percentile: a model that does not yet give its
-    background the training scans' level (an undertrained one) keeps that level and the volume's
-    intensity level, and only the signal above it is reshaped. Values below zero signal are kept
-    (plus the Rician noise floor, as in the background of a magnitude image). Profiles without a
-    ``background`` (written before it was recorded): zero signal is the range's lower end.
+    background the training scans' level (an undertrained one) keeps it. The gamma pivots at half
+    the brain's 1st percentile above zero signal, and the field fades out below it: the
+    background's faint floor (a decoder's smooth one, a little above zero) is not lifted, only the
+    tissue's signal is reshaped. Values below zero signal are kept (plus the Rician noise floor, as
+    in the background of a magnitude image). Profiles without a ``background`` (written before it
+    was recorded): zero signal is the range's lower end.
 
     The noise level reached in the tissue counts fine texture as noise, which the decoder's output
     lacks; in the background, `BACKGROUND_MARGIN` voxels or more from the label map, the added
@@ -279,8 +281,8 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     zero = float(value_range[0])
     reference = list(profile.get("background") or [])
     if channel < len(reference) and reference[channel] is not None and (~brain).sum() >= MIN_VOXELS:
-        # Only the deviation from the training scans' background counts: where label 0 holds
-        # tissue (a few structures labelled in a body), the training scans' median was tissue too.
+        # Only how far this volume's background lies above the training scans' counts: where
+        # label 0 holds tissue (a few structures labelled in a body), their median was tissue too.
         lift = float(np.median(x[~brain])) - float(reference[channel])
         zero = min(zero + max(lift, 0.0), lo)
     top = lo + scale                                           # the brain's 99th percentile
@@ -290,8 +292,16 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     field = _smooth_log_field(v.shape, core, rng)
     n1, n2 = rng.normal(size=v.shape), rng.normal(size=v.shape)
 
+    pivot = 0.5 * (lo - zero) / max(top - zero, 1e-12)          # half the brain's 1st percentile
+    above = v > pivot
+    fade = np.minimum(v / max(pivot, 1e-12), 1.0)               # the field: 0 at zero signal, 1 from the pivot
+
     def build(g: float, b: float, sigma, amplitude=1.0) -> np.ndarray:
-        w = v**g * np.exp(b * field) if b > 0 else v**g
+        # gamma on [pivot, 1] (the top stays where it was), the floor below the pivot as it is
+        w = v.copy()
+        w[above] = pivot + (1 - pivot) * ((v[above] - pivot) / (1 - pivot)) ** g
+        if b > 0:
+            w = w * np.exp(b * field * fade)
         if sigma > 0:
             s = sigma * amplitude
             w = np.sqrt((w + s * n1) ** 2 + (s * n2) ** 2)   # Rician: a magnitude image
