@@ -43,8 +43,8 @@ TABLE = {"0": "background", "1": "csf", "2": "grey_matter", "3": "white_matter"}
 # gamma/beta, as MONAI's block that the shipped decoder was trained with). "demo": the demo
 # preset and its shipped SPADE decoder (hidden 32; discriminators off, as in the demo's
 # training). "+ckpt": with activation checkpointing and SPADE slabs of 8 slices; "+shared": one
-# label convolution for the whole decoder, 64 hidden channels. Keys absent from an older tree
-# are reported there as "option missing".
+# label convolution for the whole decoder (reference: and 64 hidden channels; demo: its 32).
+# Keys absent from an older tree are reported there as "option missing".
 REFERENCE_MODEL = {"spade_kernel": [1, 3, 3], "spade_instance_norm": False, "upsample": "transposed"}
 # What trees from before an option existed always did (its value there).
 BEFORE_THE_OPTION = {"upsample": "transposed"}
@@ -56,6 +56,8 @@ AE_SETTINGS = {
                          "loss": {"disc_start": 0}},
     "default": {"model": {}, "loss": {"disc_start": 0}},
     "demo": {"model": {"num_codes": 1024, "spade_hidden": 32}, "loss": {"disc_start": 100000}},
+    "demo+shared": {"model": {"num_codes": 1024, "spade_hidden": 32, "spade_shared": True},
+                    "loss": {"disc_start": 100000}},
 }
 # Denoiser settings: (preset, trainer overrides). lsdm = the reference's architecture (base 64,
 # 1/2/4/8, SPADE 128), with the tree's trainer defaults (as `medlsdm train diffusion`: where the
@@ -109,7 +111,7 @@ def _autoencoder_step(decoder: str, setting: str, size, tmp: str):
         if setting.startswith("reference+") and not over["model"]:
             raise ValueError(f"setting {setting} is the plain reference")
     base = AUTOENCODER_DEFAULTS
-    if setting == "demo":
+    if setting.startswith("demo"):
         base = merge(AUTOENCODER_DEFAULTS, load_preset("demo")["autoencoder"])
     # A key an older tree lacks is missing there unless its value is what that tree always did.
     dropped = sorted(k for k in over["model"] if k not in base["model"]
