@@ -300,3 +300,33 @@ def test_background_noise_follows_the_training_scans():
     old = {k: v for k, v in profile.items() if k != "background_noise"}
     out = apply_appearance(clean, label, old, profile["channels"][0][0], np.random.default_rng(3))
     assert _background_noise(out.astype(np.float64), label > 0, far) > 0
+
+
+def test_a_faint_background_floor_is_not_lifted():
+    """A decoder's smooth floor a little above zero signal stays as it is under a gamma below 1
+    and a strong bias field (the gamma pivots below the brain's range, the field fades out there):
+    a pure gamma lifted such a floor several-fold (a demo sample's background from 17 to 104,
+    real 19), while the targets are still reached in the tissue."""
+    from medlsdm.data.appearance import _far_background
+
+    label, grid = _phantom()
+    _, far = _far_background(label)
+    rng = np.random.default_rng(0)
+    reals = [np.where(label > 0, _scan(label, grid, rng, noise, 1.0, bias), -1.0)   # zero-filled
+             for noise, bias in [(0.02, 0.1), (0.03, 0.2)]]
+    profile = appearance_profile(reals, [label] * 2, "mr")
+    clean = _scan(label, grid, np.random.default_rng(1), 1e-4, 1.1, 0.0)
+    clean[label == 0] = -1.0 + 0.02 * (1 + grid[1][label == 0])      # a faint, smooth floor
+    own = appearance_statistics(clean, label, 2, 4)
+    target = {"noise": 0.03, "contrast": own["contrast"] * 0.5, "bias": 0.3}   # gamma ~0.73, strong field
+    out = apply_appearance(clean, label, profile, target, np.random.default_rng(2))
+    got = appearance_statistics(out, label, 2, 4)
+    assert got["contrast"] == pytest.approx(target["contrast"], abs=0.01)
+    assert got["bias"] == pytest.approx(target["bias"], rel=0.3)
+    assert got["noise"] == pytest.approx(target["noise"], rel=0.3)
+    assert np.abs(out[far] - clean[far]).max() < 0.01
+    # a profile without background noise gives what one whose background noise is unknown gives
+    old = {k: v for k, v in profile.items() if k != "background_noise"}
+    np.testing.assert_array_equal(apply_appearance(clean, label, old, target, np.random.default_rng(2)),
+                                  apply_appearance(clean, label, {**profile, "background_noise": [None]}, target,
+                                                   np.random.default_rng(2)))

@@ -259,7 +259,8 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     background's faint floor (a decoder's smooth one, a little above zero) is not lifted, only the
     tissue's signal is reshaped. Values below zero signal are kept (plus the Rician noise floor, as
     in the background of a magnitude image). Profiles without a ``background`` (written before it
-    was recorded): zero signal is the range's lower end.
+    was recorded): zero signal is the range's lower end (the pivot and the fade apply to every
+    profile).
 
     The noise level reached in the tissue counts fine texture as noise, which the decoder's output
     lacks; in the background, `BACKGROUND_MARGIN` voxels or more from the label map, the added
@@ -295,13 +296,21 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     pivot = 0.5 * (lo - zero) / max(top - zero, 1e-12)          # half the brain's 1st percentile
     above = v > pivot
     fade = np.minimum(v / max(pivot, 1e-12), 1.0)               # the field: 0 at zero signal, 1 from the pivot
+    # The gamma curve takes over from the identity smoothly between the pivot and the brain's 1st
+    # percentile (twice the pivot), where no brain voxel lies: a hard switch would have an
+    # unbounded slope just above the pivot for gamma < 1 and amplify a floor's texture there.
+    weight = np.clip(v[above] / max(pivot, 1e-12) - 1.0, 0.0, 1.0) if pivot > 0 else np.ones(int(above.sum()))
+    weight = weight * weight * (3 - 2 * weight)                 # smoothstep
 
     def build(g: float, b: float, sigma, amplitude=1.0) -> np.ndarray:
         # gamma on [pivot, 1] (the top stays where it was), the floor below the pivot as it is
         w = v.copy()
-        w[above] = pivot + (1 - pivot) * ((v[above] - pivot) / (1 - pivot)) ** g
+        curve = pivot + (1 - pivot) * ((v[above] - pivot) / (1 - pivot)) ** g
+        w[above] = v[above] + weight * (curve - v[above])
         if b > 0:
-            w = w * np.exp(b * field * fade)
+            # faded below the pivot, and there no darker than exp(-1) (v exp(c v / pivot) rises
+            # with v only for c >= -1: a dark corner of the field would otherwise invert the floor)
+            w = w * np.exp(np.where(fade < 1.0, np.maximum(b * field, -1.0), b * field) * fade)
         if sigma > 0:
             s = sigma * amplitude
             w = np.sqrt((w + s * n1) ** 2 + (s * n2) ** 2)   # Rician: a magnitude image
