@@ -84,6 +84,31 @@ def test_appearance_is_seeded_and_noise_already_there_counts():
         appearance_statistics(noisy, label, 2, 4)["noise"], rel=0.05)
 
 
+def test_a_field_that_cancels_the_volumes_own_bias_still_reaches_the_target(monkeypatch):
+    """A decoder's output has a bias field of its own; the drawn field can lie against it, so the
+    measured bias first falls as the field grows. The field strength must still land on the
+    target, not at its bound (a secant step from a small strength did: one bright corner, the rest
+    of the brain pushed to the floor when the top was put back)."""
+    import medlsdm.data.appearance as appearance
+
+    label, grid = _phantom()
+    own_log_field = grid[0] + 0.5 * grid[1] ** 2 * 4          # the field _scan multiplies by
+
+    def against(shape, core, rng):                             # the drawn field: minus the volume's own
+        f = own_log_field[core]
+        return -(own_log_field - f.mean()) / f.std()
+
+    monkeypatch.setattr(appearance, "_smooth_log_field", against)
+    volume = _scan(label, grid, np.random.default_rng(1), 1e-4, 1.0, 0.15)
+    own = appearance_statistics(volume, label, 2, 4)
+    profile = appearance_profile([volume], [label], "mr")
+    target = {**own, "bias": own["bias"] * 1.3}
+    out = apply_appearance(volume, label, profile, target, np.random.default_rng(0))
+    got = appearance_statistics(out, label, 2, 4)
+    assert got["bias"] == pytest.approx(target["bias"], rel=0.1)
+    assert np.median(out[label == 2]) == pytest.approx(np.median(volume[label == 2]), abs=0.15)
+
+
 def test_ct_gets_noise_only():
     """Calibrated intensities (CT): no gamma, no bias field — only the noise level changes."""
     label, grid = _phantom()

@@ -86,13 +86,17 @@ def _regions(label: np.ndarray, tissue: int, other: int, erosion: int) -> tuple[
     return region, core, label == other
 
 
-def _statistics(x: np.ndarray, region, core, other) -> dict[str, float]:
-    noise = _robust_sd(_six_neighbour_residual(x)[core])
+def _bias(x: np.ndarray, core) -> float:
     terms = _quadratic_terms(core)
     design = np.concatenate([np.ones((len(terms), 1)), terms], axis=1)
     values = np.log(np.clip(x[core], 1e-3, None))
     fitted = design @ np.linalg.lstsq(design, values, rcond=None)[0]
-    return {"noise": noise, "contrast": _contrast(x, region, other), "bias": float(fitted.std())}
+    return float(fitted.std())
+
+
+def _statistics(x: np.ndarray, region, core, other) -> dict[str, float]:
+    noise = _robust_sd(_six_neighbour_residual(x)[core])
+    return {"noise": noise, "contrast": _contrast(x, region, other), "bias": _bias(x, core)}
 
 
 def _statistics_of(x: np.ndarray, brain, region, core, other) -> dict[str, float]:
@@ -229,6 +233,27 @@ def _solve_gamma(contrast_of, target: float) -> float:
     return float(np.exp(0.5 * (lo + hi)))
 
 
+def _solve_bias(bias_of, target: float, iterations: int = 9) -> float:
+    """Field strength b in [0, `MAX_LOG_BIAS`] with ``bias_of(b) == target``: 0 when the volume's
+    own bias already reaches it, `MAX_LOG_BIAS` when nothing does, else bisection. The measured
+    bias is not monotone near 0 (a field drawn against the volume's own low-frequency variation
+    first cancels part of it), so no step may extrapolate from a small b: a secant step from one
+    did, and a cancelling draw sent b to its bound (a 2.6x brighter corner, the rest of the brain
+    crushed to the floor when the top was put back)."""
+    if not np.isfinite(target) or bias_of(0.0) >= target:
+        return 0.0
+    lo, hi = 0.0, MAX_LOG_BIAS
+    if bias_of(hi) < target:
+        return hi
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if bias_of(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 def _smooth_log_field(shape, core: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random quadratic polynomial of the voxel coordinates, zero mean and unit SD inside ``core``."""
     field = _quadratic_terms(core, shape) @ rng.normal(size=9)
@@ -246,8 +271,9 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     lower end is the zero signal of a scan), given ``target``'s appearance (a dict of
     `appearance_statistics`): ``signal ** gamma * exp(b * field)`` plus noise (Rician for MR), with
     a random smooth field and noise drawn once from ``rng``, and gamma, b and the noise level set so
-    that the result's own statistics reach the target's (the decoder's own noise and bias count:
-    independent parts add in quadrature). The three interact through the percentile range the
+    that the result's own statistics reach the target's (the decoder's own noise and bias count: the
+    noise adds in quadrature; b is searched on the bias measured with the field, which can cancel
+    part of the decoder's own). The three interact through the percentile range the
     statistics are measured on, so they are refined ``iterations`` times. Clipped to ``value_range``.
     Without a Rician noise model (CT, other calibrated intensities) only Gaussian noise is added.
 
@@ -325,15 +351,7 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
     for _ in range(iterations):
         g = _solve_gamma(lambda gg: _measured_contrast(build(gg, b, sigma), brain, region, other),
                          float(target["contrast"]))
-        own = stats(build(g, 0.0, 0.0))["bias"]
-        want = float(np.sqrt(max(float(target["bias"]) ** 2 - own**2, 0.0)))
-        if want > 0:
-            # The measured bias grows about linearly with b (percentile scaling changes the slope):
-            # one secant step from b = want.
-            got = float(np.sqrt(max(stats(build(g, want, 0.0))["bias"] ** 2 - own**2, 1e-12)))
-            b = min(want * want / got, MAX_LOG_BIAS)
-        else:
-            b = 0.0
+        b = _solve_bias(lambda bb: _bias(_unit_range(build(g, bb, 0.0), brain)[0], core), float(target["bias"]))
         clean = build(g, b, 0.0)
         own = stats(clean)
         p1, p99 = np.percentile(build(g, b, sigma)[brain], [1, 99])
