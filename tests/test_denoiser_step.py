@@ -1,12 +1,14 @@
-"""The denoiser's training step (forward + backward) against values recorded with the code before
-its speed changes (commit 5f4b235): the shipped demo denoiser on fixed inputs, batch 1 (the CPU
-fast paths: convolutions over slices, the label encoder in slice layout) and batch 2 (one null
-label map: the generic paths), output, loss and every parameter's gradient (its norm and first
-elements). And the fast paths against the generic ones on a small random network.
+"""The denoiser's training step (forward + backward) against recorded values: the shipped demo
+denoiser on fixed inputs, batch 1 (the CPU fast paths: convolutions over slices, the label
+encoder in slice layout) and batch 2 (one null label map: the generic paths), output, loss and
+every parameter's gradient (its norm and first elements). And the fast paths against the generic
+ones on a small random network.
 
-Recorded (once, with the older tree on PYTHONPATH):
+First recorded with the code before the denoiser's speed changes (commit 5f4b235, the older tree
+on PYTHONPATH); when the demo weights change, re-recorded for the new weights with code that
+passes the previous recording (so the chain back to 5f4b235 holds):
 
-    PYTHONPATH="$BEFORE"/src python tests/test_denoiser_step.py tests/data/denoiser_step_5f4b235.npz
+    python tests/test_denoiser_step.py tests/data/denoiser_step_demo.npz
 """
 
 import hashlib
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "medlsdm" / "weights" / "demo"
-RECORDED = Path(__file__).parent / "data" / "denoiser_step_5f4b235.npz"
+RECORDED = Path(__file__).parent / "data" / "denoiser_step_demo.npz"
 HEAD = 64  # first gradient elements recorded per parameter
 
 
