@@ -6,10 +6,10 @@
 #                upsampling by interpolation + convolution (no checkerboard) and the LPIPS-VGG
 #                perceptual loss (real weights of ../shared/weights), 600 steps, warm-started
 #                from it (every weight but the upsampling layers)
-#   stage 1 fine-tuned as a whole: encoder, codebook and SPADE decoder together, L1 + LPIPS-VGG at
-#                weight 1, lr 1e-4, 1,200 steps (29 minutes, 2 threads, quiet machine); then the
-#                decoder alone on the frozen encoder at lr 3e-5, 400 steps (held-out PSNR 28.8 ->
-#                30.2 dB, benchmarks/quality.md)
+#   stage 1 fine-tuned as a whole: encoder, codebook and SPADE decoder together, L1 (weight 4) +
+#                LPIPS-VGG at weight 1 (instead of 4), lr 1e-4, 1,200 steps (29 minutes, 2 threads,
+#                quiet machine); then the decoder alone on the frozen encoder at lr 3e-5, 400 steps
+#                (held-out PSNR 28.8 -> 30.2 dB, benchmarks/quality.md)
 #   denoiser:    v-prediction, trained from scratch on the fine-tuned encoder's latents, 2,716
 #                steps (33 minutes, 2 threads, the other stage-1 run beside it for 25 of them)
 set -euo pipefail
@@ -32,6 +32,7 @@ OMP_NUM_THREADS=2 medlsdm train autoencoder --data prepared --out runs/stage1_ft
 OMP_NUM_THREADS=2 medlsdm train diffusion --data prepared --autoencoder runs/stage1_ft --out runs/diffusion_ft \
     --config demo --set trainer.max_steps=2716 &                  # beside the decoder's run below
 DENOISER=$!
+trap 'kill "$DENOISER" 2>/dev/null || true' EXIT                 # not left running if a step below fails
 OMP_NUM_THREADS=1 medlsdm train autoencoder --data prepared --out runs/decoder_ft --config demo \
     --set model.decoder=spade --set model.spade_hidden=32 --set init.from=runs/stage1_ft \
     --set init.freeze_encoder=true --set loss.perceptual=1.0 --set loss.lpips_backbone=$W/vgg16-features.pth \
