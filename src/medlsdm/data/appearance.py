@@ -9,8 +9,9 @@ pairwise MS-SSIM 0.99 on the demo cohort, real subjects 0.86) with no noise and 
 Here each synthetic volume takes the appearance of a training scan drawn at random (seeded), or
 one the user chooses: the contrast is matched with a gamma, a smooth field and noise are added
 until the volume's own statistics reach the target's (what the model already produced counts: its
-noise adds in quadrature, the field's strength is searched on the bias measured with it). MR magnitude images get all three, with Rician
-noise; other modalities (CT: calibrated Hounsfield units) only Gaussian noise.
+noise adds in quadrature, the field's strength is searched on the bias measured with it). MR
+magnitude images get all three, with Rician noise; other modalities (CT: calibrated Hounsfield
+units) only Gaussian noise.
 
 All statistics are computed on the brain's (label map > 0) 1st / 99th intensity percentiles
 mapped to [0, 1], so gain and offset, which preparation normalises away, do not count.
@@ -86,9 +87,16 @@ def _regions(label: np.ndarray, tissue: int, other: int, erosion: int) -> tuple[
     return region, core, label == other
 
 
-def _bias(x: np.ndarray, core) -> float:
+def _bias_design(core: np.ndarray) -> np.ndarray:
+    """The least-squares design of `_bias` for ``core``: a constant and the quadratic terms."""
     terms = _quadratic_terms(core)
-    design = np.concatenate([np.ones((len(terms), 1)), terms], axis=1)
+    return np.concatenate([np.ones((len(terms), 1)), terms], axis=1)
+
+
+def _bias(x: np.ndarray, core, design: np.ndarray | None = None) -> float:
+    """SD of the log-intensity of ``core`` explained by a quadratic of the voxel coordinates;
+    ``design``: `_bias_design` of ``core``, computed once by callers that measure many volumes."""
+    design = _bias_design(core) if design is None else design
     values = np.log(np.clip(x[core], 1e-3, None))
     fitted = design @ np.linalg.lstsq(design, values, rcond=None)[0]
     return float(fitted.std())
@@ -344,6 +352,8 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
             w = np.sqrt((w + s * n1) ** 2 + (s * n2) ** 2)   # Rician: a magnitude image
         return w + below
 
+    design = _bias_design(core)                                  # the same for every build
+
     def stats(w: np.ndarray) -> dict[str, float]:
         return _statistics_of(w, brain, region, core, other)
 
@@ -353,7 +363,8 @@ def apply_appearance(image: np.ndarray, label: np.ndarray, profile: Mapping, tar
                          float(target["contrast"]))
         # on the volume with its noise (from the second pass): the noise widens the percentile
         # range the bias is measured on, and a field fitted without it fell short of the target
-        b = _solve_bias(lambda bb: _bias(_unit_range(build(g, bb, sigma), brain)[0], core), float(target["bias"]))
+        b = _solve_bias(lambda bb: _bias(_unit_range(build(g, bb, sigma), brain)[0], core, design),
+                        float(target["bias"]))
         clean = build(g, b, 0.0)
         own = stats(clean)
         p1, p99 = np.percentile(build(g, b, sigma)[brain], [1, 99])
